@@ -1,0 +1,6 @@
+"""Every schema and metadata key of hubembed, defined once.
+
+- `records`: the in-pipeline input record and the dead-letter reasons.
+- `embeddings`: the Arrow schema of the embeddings Parquet, its column names and its key-value metadata keys.
+- `dead_letters`: the Arrow schema of the dead-letter Parquet.
+"""

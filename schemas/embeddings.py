@@ -1,0 +1,83 @@
+"""The embeddings Parquet: columns, Arrow schema and key-value metadata keys.
+
+One row per embedded record:
+  id: string (not null)            label: string (nullable)        <passthrough columns>: string (nullable)
+  image_embedding: fixed_size_list<float32>[d_image]   has_image: bool     (when an image encoder is configured)
+  text_embedding:  fixed_size_list<float32>[d_text]    has_text:  bool     (when a text encoder is configured)
+  embedding: fixed_size_list<float32>[d_image + d_text]  the multimodal vector, image first; a missing modality is
+             zeros there, never a shorter vector.
+Passthrough values are written as strings (JSON text for non-string values), so the schema is fixed at start
+whatever the manifest's types.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import pyarrow as pa
+
+ID = "id"
+LABEL = "label"
+IMAGE_EMBEDDING = "image_embedding"
+TEXT_EMBEDDING = "text_embedding"
+EMBEDDING = "embedding"
+HAS_IMAGE = "has_image"
+HAS_TEXT = "has_text"
+
+# Parquet key-value metadata (bytes keys, JSON or plain-text values), on every file of a run.
+META_PREFIX = "hubembed."
+META_VERSION = META_PREFIX + "version"  # package version that wrote the file
+META_CREATED_AT = META_PREFIX + "created_at"  # ISO-8601 UTC time of the run's launch
+META_IMAGE_ENCODER = META_PREFIX + "image_encoder"  # JSON: EncoderSpec of the image encoder, or absent
+META_TEXT_ENCODER = META_PREFIX + "text_encoder"  # JSON: EncoderSpec of the text encoder, or absent
+META_IMAGE_PREPROCESSING = META_PREFIX + "image_preprocessing"  # JSON: size, resize method, value range
+META_L2_NORMALIZE = META_PREFIX + "l2_normalize"  # "true" / "false"
+META_EMBEDDING_LAYOUT = META_PREFIX + "embedding_layout"  # JSON: [[column, offset, dim], ...] of `embedding`
+
+
+def vector_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
+def embeddings_schema(
+    image_dim: int | None,
+    text_dim: int | None,
+    passthrough: Sequence[str] = (),
+    metadata: Mapping[str, str] | None = None,
+) -> pa.Schema:
+    """The output schema for a run with these encoder dims (None: modality not configured)."""
+    if image_dim is None and text_dim is None:
+        raise ValueError("at least one of the image and text encoders must be configured")
+    fields = [pa.field(ID, pa.string(), nullable=False), pa.field(LABEL, pa.string())]
+    fields += [pa.field(name, pa.string()) for name in passthrough]
+    if image_dim is not None:
+        fields += [pa.field(IMAGE_EMBEDDING, vector_type(image_dim), nullable=False),
+                   pa.field(HAS_IMAGE, pa.bool_(), nullable=False)]
+    if text_dim is not None:
+        fields += [pa.field(TEXT_EMBEDDING, vector_type(text_dim), nullable=False),
+                   pa.field(HAS_TEXT, pa.bool_(), nullable=False)]
+    fields.append(pa.field(EMBEDDING, vector_type((image_dim or 0) + (text_dim or 0)), nullable=False))
+    return pa.schema(fields, metadata=dict(metadata or {}))
+
+
+def embedding_layout(image_dim: int | None, text_dim: int | None) -> list[list]:
+    """Where each modality sits inside `embedding`: [[column, offset, dim], ...], image first."""
+    layout, offset = [], 0
+    for column, dim in ((IMAGE_EMBEDDING, image_dim), (TEXT_EMBEDDING, text_dim)):
+        if dim is not None:
+            layout.append([column, offset, dim])
+            offset += dim
+    return layout
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, str]:
+    """The hubembed.* key-value metadata of a Parquet file's Arrow schema, decoded to str."""
+    raw = schema.metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if k.decode().startswith(META_PREFIX)}
+
+
+def encoder_identity(metadata: Mapping[str, str]) -> dict:
+    """What must match between two files for their embeddings to be comparable: the encoders and the layout."""
+    keys = (META_IMAGE_ENCODER, META_TEXT_ENCODER, META_IMAGE_PREPROCESSING, META_L2_NORMALIZE, META_EMBEDDING_LAYOUT)
+    return {k: json.loads(metadata[k]) if k in metadata and metadata[k][:1] in "[{" else metadata.get(k) for k in keys}

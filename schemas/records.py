@@ -1,0 +1,59 @@
+"""The record every reader emits, and the reasons a record can be dead-lettered."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class Record:
+    """One input row, whatever the input format.
+
+    `source` says where the row came from (`file:line`, `shard.tar#key`, `file.tfrecord#n`), so a dead letter
+    can be traced back. An image comes as bytes (WebDataset, TFRecord, `image_bytes` columns) or as a URI that
+    `PrepareRecords` fetches. `text` is bytes until validated as UTF-8, then str.
+    """
+
+    id: str | None
+    source: str
+    image_bytes: bytes | None = None
+    image_uri: str | None = None
+    text: str | bytes | None = None
+    label: str | None = None
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DeadLetter:
+    """A record that could not be embedded, and why."""
+
+    id: str | None
+    source: str
+    stage: str
+    reason: str
+    error_class: str
+    message: str
+
+
+class Stage:
+    READ = "read"
+    PREPARE = "prepare"
+    EMBED = "embed"
+
+
+class Reason:
+    """Stable codes for the run report and the dead-letter `reason` column."""
+
+    UNREADABLE_ROW = "unreadable_row"  # a manifest line that is not JSON, a TFRecord that is not an Example
+    UNSUPPORTED_FILE = "unsupported_file"  # a file in an image folder / shard member that is neither image nor text
+    MISSING_ID = "missing_id"
+    DUPLICATE_ID = "duplicate_id"
+    NO_MODALITY = "no_modality"  # nothing the configured encoders can embed
+    TEXT_NOT_UTF8 = "text_not_utf8"
+    IMAGE_MISSING = "image_missing"
+    IMAGE_EMPTY = "image_empty"
+    NOT_AN_IMAGE = "not_an_image"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_CORRUPT = "image_corrupt"
+    ENCODER_FAILED = "encoder_failed"

@@ -1,0 +1,92 @@
+"""Tiny TF Hub-format (reusable TF2 SavedModel) encoders for fast, offline tests.
+
+They follow the Reusable SavedModel API that `hub.KerasLayer` expects: `__call__(inputs, training=False)`,
+`variables`, `trainable_variables` and `regularization_losses`, so `hub.KerasLayer(path, trainable=True)`
+fine-tunes them. They are deterministic (fixed seeds) and small, but real: the image one responds to colour and
+layout, the text one to the words, so a classifier can learn from their outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from encoders.runtime import tf
+
+IMAGE_DIM = 8
+TEXT_DIM = 6
+TEXT_BUCKETS = 97
+
+
+class TinyImageEncoder(tf.Module):
+    """[B, H, W, 3] float32 in [0, 1] → [B, 8]: mean colour of each image quadrant through a dense layer."""
+
+    def __init__(self, size: int | None):
+        super().__init__()
+        rng = np.random.RandomState(7)
+        self.kernel = tf.Variable(rng.normal(size=(12, IMAGE_DIM)).astype("float32"), name="kernel")
+        self.bias = tf.Variable(np.zeros(IMAGE_DIM, "float32"), name="bias")
+        spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec([], tf.bool)])
+        def call(images, training=False):
+            quadrants = tf.image.resize(images, [2, 2], method="area")  # [B, 2, 2, 3]
+            return tf.matmul(tf.reshape(quadrants, [-1, 12]), self.kernel) + self.bias
+
+        self.__call__ = call
+
+
+class TinyTextEncoder(tf.Module):
+    """[B] tf.string → [B, 6]: mean of hashed word embeddings (zeros for an empty string)."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(11)
+        self.table = tf.Variable(rng.normal(size=(TEXT_BUCKETS, TEXT_DIM)).astype("float32"), name="table")
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.bool)])
+        def call(texts, training=False):
+            words = tf.strings.split(tf.strings.lower(texts))
+            ids = tf.strings.to_hash_bucket_fast(words, TEXT_BUCKETS)
+            vectors = tf.gather(self.table, ids)  # ragged [B, (words), 6]
+            total = tf.reduce_sum(vectors, axis=1)
+            count = tf.cast(tf.maximum(words.row_lengths(), 1), tf.float32)[:, None]
+            return total / count
+
+        self.__call__ = call
+
+
+class BadRankEncoder(tf.Module):
+    """[B] tf.string → [B, 2, 3]: not a [B, d] embedding, for the start-up check."""
+
+    def __init__(self):
+        super().__init__()
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def call(texts):
+            return tf.zeros([tf.shape(texts)[0], 2, 3])
+
+        self.__call__ = call
+
+
+def save(module: tf.Module, path: str) -> str:
+    # tf.Module's `variables` are read-only properties that are not saved; the Reusable SavedModel API wants them
+    # as attributes of the root object, so export through a plain trackable root that carries them.
+    root = tf.train.Checkpoint()
+    root.__call__ = module.__call__
+    root.variables = list(module.variables)
+    root.trainable_variables = list(module.trainable_variables)
+    root.regularization_losses = []
+    tf.saved_model.save(root, path)
+    return path
+
+
+def build_image_encoder(path: str, size: int | None = 32) -> str:
+    return save(TinyImageEncoder(size), path)
+
+
+def build_text_encoder(path: str) -> str:
+    return save(TinyTextEncoder(), path)
+
+
+def build_bad_rank_encoder(path: str) -> str:
+    return save(BadRankEncoder(), path)
