@@ -1,0 +1,270 @@
+"""The embedding job: an image/text corpus → multimodal TF Hub embeddings in Parquet.
+
+    python -m beam_jobs.embed_corpus --input corpus/manifest.jsonl --output out/embeddings/ [--runner ...]
+
+read → prepare → embed (both modalities, concatenated) → write, plus the dead letters and the run report.
+Everything a user can get wrong is checked before the pipeline starts (`plan_job`), and fails in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import sys
+import time
+from importlib import metadata as package_metadata
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from encoders.hub_module import EncoderConfigError, EncoderSpec, probe_encoder
+from schemas import embeddings as cols
+from schemas.report import RunReport
+from transforms.embed import EmbedConfig, EmbedRecords
+from transforms.prepare import DEFAULT_MAX_IMAGE_PIXELS, PrepareRecords
+from transforms.read import INPUT_FORMATS, CorpusConfigError, ReadCorpus, infer_format, match_patterns
+from transforms.report import ProgressLog, build_report, format_report, write_report
+from transforms.write import PARQUET_SUFFIX, WriteDeadLetters, WriteEmbeddings
+
+JOB_NAME = "embed_corpus"
+NO_ENCODER = "none"
+EMBEDDINGS_PREFIX = "embeddings"
+DEAD_LETTERS_PREFIX = "dead_letters"
+REPORT_NAME = "run_report.json"
+EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
+CLUSTER_RUNNERS = ("DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
+
+log = logging.getLogger("hubembed")
+
+
+class JobConfigError(ValueError):
+    """Misconfiguration found at start; the message is one line, fit for the console."""
+
+
+class EmbedCorpusOptions(PipelineOptions):
+    """The embedding job's options; every other flag goes to Beam (runner, project, region, workers...)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("hubembed embed_corpus")
+        group.add_argument("--input", help="manifest (.jsonl/.csv/.parquet, globs ok), image folder root, "
+                                           "WebDataset shards (shard-{000000..000009}.tar) or TFRecord files")
+        group.add_argument("--output", help="output folder: embeddings-*.parquet, dead_letters-*.parquet, "
+                                            "run_report.json")
+        group.add_argument("--input_format", default="auto", choices=("auto", *INPUT_FORMATS),
+                           help="force the input format instead of inferring it from --input")
+        for modality, default_name in (("image", "MobileNet V1 feature vector"), ("text", "all-MiniLM-L6-v2")):
+            group.add_argument(f"--{modality}_encoder", default="",
+                               help=f"{modality} encoder: a TF Hub / Kaggle handle or a SavedModel folder (local or "
+                                    f"gs://); empty: the project's baked {default_name}; '{NO_ENCODER}': no "
+                                    f"{modality} embedding")
+            group.add_argument(f"--{modality}_signature", default=None,
+                               help=f"signature of the {modality} module to call (default: the module's __call__)")
+            group.add_argument(f"--{modality}_output_key", default=None,
+                               help=f"output key of the {modality} module's dict output, if it returns one")
+        group.add_argument("--image_size", type=int, default=None,
+                           help="image height = width fed to the image encoder when its input signature does not "
+                                "fix it (default 224)")
+        group.add_argument("--passthrough", default="", help="comma-separated input columns copied to the output")
+        group.add_argument("--batch_size", type=int, default=32, help="largest batch sent through a model")
+        group.add_argument("--min_batch_size", type=int, default=8,
+                           help="smallest batch BatchElements starts from before it adapts upwards")
+        group.add_argument("--num_shards", type=int, default=0, help="output Parquet files (0: the runner chooses)")
+        group.add_argument("--l2_normalize", action="store_true",
+                           help="L2-normalise each modality's vector before concatenating")
+        group.add_argument("--max_error_rate", type=float, default=0.01,
+                           help="exit non-zero when dead letters / records read exceeds this")
+        group.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                           help="images with more pixels (from the header) are dead-lettered, never decoded")
+        group.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
+                           help="where the encoders run: the GPU when TensorFlow sees one, or forced")
+        for field, default in (("id", "id"), ("image", "image/encoded"), ("text", "text"), ("label", "label")):
+            group.add_argument(f"--tfrecord_{field}_key", default=default,
+                               help=f"tf.train.Example feature holding the {field}")
+        group.add_argument("--progress_interval", type=float, default=10.0, help="seconds between progress lines")
+        group.add_argument("--overwrite", action="store_true",
+                           help="replace the output of an earlier run in --output instead of refusing to start")
+        group.add_argument("--encoder_cache_dir", default=None,
+                           help="where the baked default encoders live (default $HUBEMBED_CACHE_DIR or "
+                                "~/.cache/hubembed/encoders)")
+
+
+@dataclasses.dataclass
+class JobPlan:
+    """What start-up checking decided: resolved format, probed encoders and the output schema."""
+
+    input_format: str
+    image: EncoderSpec | None
+    text: EncoderSpec | None
+    passthrough: tuple[str, ...]
+    schema_metadata: dict[str, str]
+    embed_config: EmbedConfig
+    outputs: dict[str, str]
+
+
+def _package_version() -> str:
+    try:
+        return package_metadata.version("hubembed")
+    except package_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _resolve_encoder(modality: str, handle: str, signature: str | None, output_key: str | None,
+                     image_size: int | None, cache_dir: str | None) -> EncoderSpec | None:
+    if handle.strip().lower() == NO_ENCODER:
+        return None
+    name = None
+    if not handle:
+        from encoders import pretrained  # baking needs the package registry, only when a default is used
+
+        name = pretrained.DEFAULT_IMAGE_ENCODER if modality == "image" else pretrained.DEFAULT_TEXT_ENCODER
+        try:
+            handle = pretrained.ensure_baked(name, cache_dir)
+        except pretrained.EncoderUnavailable as error:
+            raise JobConfigError(str(error)) from error
+    spec = EncoderSpec(modality=modality, handle=handle, signature=signature, output_key=output_key, name=name)
+    try:
+        return probe_encoder(spec, image_size)
+    except EncoderConfigError as error:
+        raise JobConfigError(str(error)) from error
+
+
+def _check_output(output: str, overwrite: bool) -> dict[str, str]:
+    outputs = {
+        "embeddings": FileSystems.join(output, EMBEDDINGS_PREFIX),
+        "dead_letters": FileSystems.join(output, DEAD_LETTERS_PREFIX),
+        "report": FileSystems.join(output, REPORT_NAME),
+    }
+    patterns = [outputs["embeddings"] + "-*" + PARQUET_SUFFIX, outputs["dead_letters"] + "-*" + PARQUET_SUFFIX,
+                outputs["report"]]
+    earlier = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+    if earlier and not overwrite:
+        raise JobConfigError(f"{output} already holds a run's output ({len(earlier)} files): "
+                             "pass --overwrite to replace it, or write to a new folder")
+    if earlier:
+        FileSystems.delete(earlier)
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
+    return outputs
+
+
+def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
+    """Check everything a user can get wrong, before any worker starts. Raises JobConfigError (one line)."""
+    if not job.input:
+        raise JobConfigError("--input is required")
+    if not job.output:
+        raise JobConfigError("--output is required")
+    if job.batch_size < 1 or job.min_batch_size < 1:
+        raise JobConfigError("--batch_size and --min_batch_size must be at least 1")
+    if not 0.0 <= job.max_error_rate <= 1.0:
+        raise JobConfigError("--max_error_rate must be between 0 and 1")
+    try:
+        input_format = infer_format(job.input) if job.input_format == "auto" else job.input_format
+        match_patterns(job.input, input_format)
+    except CorpusConfigError as error:
+        raise JobConfigError(str(error)) from error
+    image = _resolve_encoder("image", job.image_encoder, job.image_signature, job.image_output_key,
+                             job.image_size, job.encoder_cache_dir)
+    text = _resolve_encoder("text", job.text_encoder, job.text_signature, job.text_output_key,
+                            None, job.encoder_cache_dir)
+    if image is None and text is None:
+        raise JobConfigError(f"both encoders are '{NO_ENCODER}': there is nothing to embed")
+    if runner in CLUSTER_RUNNERS:
+        for spec in (image, text):
+            if spec is not None and "://" not in spec.handle:
+                raise JobConfigError(f"{spec.modality} encoder {spec.handle} is a local folder that {runner} workers "
+                                     "cannot read: copy it to gs:// (or pass a tfhub.dev / Kaggle handle)")
+    passthrough = tuple(name.strip() for name in job.passthrough.split(",") if name.strip())
+    reserved = {cols.ID, cols.LABEL, cols.IMAGE_EMBEDDING, cols.TEXT_EMBEDDING, cols.EMBEDDING, cols.HAS_IMAGE,
+                cols.HAS_TEXT}
+    clashing = sorted(reserved.intersection(passthrough))
+    if clashing:
+        raise JobConfigError(f"--passthrough names output columns of the job itself: {', '.join(clashing)}")
+    outputs = _check_output(job.output, job.overwrite)
+    metadata = {
+        cols.META_VERSION: _package_version(),
+        cols.META_CREATED_AT: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        cols.META_L2_NORMALIZE: json.dumps(bool(job.l2_normalize)),
+        cols.META_EMBEDDING_LAYOUT: json.dumps(cols.embedding_layout(image and image.dim, text and text.dim)),
+    }
+    if image is not None:
+        metadata[cols.META_IMAGE_ENCODER] = image.to_json()
+        metadata[cols.META_IMAGE_PREPROCESSING] = json.dumps({
+            "decoder": "tf.io.decode_image, first frame of animations, 3 channels (grey and RGBA made RGB)",
+            "resize": "tf.image.resize bilinear, no crop, no antialias", "size": [image.image_size, image.image_size],
+            "value_range": [0.0, 1.0], "dtype": "float32"}, sort_keys=True)
+    if text is not None:
+        metadata[cols.META_TEXT_ENCODER] = text.to_json()
+    schema = cols.embeddings_schema(image and image.dim, text and text.dim, passthrough, metadata)
+    config = EmbedConfig(image=image, text=text, schema=schema, passthrough=passthrough,
+                         l2_normalize=bool(job.l2_normalize), device=job.device)
+    return JobPlan(input_format, image, text, passthrough, metadata, config, outputs)
+
+
+def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPlan) -> None:
+    """read → prepare → embed → write; the dead letters of every step merged into one sink."""
+    progress = ProgressLog(job.progress_interval)
+    tfrecord_keys = {"id": job.tfrecord_id_key, "image": job.tfrecord_image_key, "text": job.tfrecord_text_key,
+                     "label": job.tfrecord_label_key}
+    records, unreadable = pipeline | "ReadCorpus" >> ReadCorpus(job.input, plan.input_format, plan.passthrough,
+                                                                tfrecord_keys)
+    prepared, unprepared = records | "PrepareRecords" >> PrepareRecords(
+        use_image=plan.image is not None, use_text=plan.text is not None, max_image_pixels=job.max_image_pixels)
+    embeddings, unembedded = prepared | "EmbedRecords" >> EmbedRecords(
+        plan.embed_config, progress, min_batch_size=job.min_batch_size, max_batch_size=job.batch_size)
+    embeddings | "WriteEmbeddings" >> WriteEmbeddings(plan.outputs["embeddings"], plan.embed_config.schema,
+                                                      job.num_shards)
+    ((unreadable, unprepared, unembedded)
+     | "AllDeadLetters" >> beam.Flatten()
+     | "WriteDeadLetters" >> WriteDeadLetters(plan.outputs["dead_letters"], progress))
+
+
+def run(argv: list[str] | None = None) -> RunReport:
+    """Plan, run and report. Raises JobConfigError on misconfiguration."""
+    options = PipelineOptions(argv)
+    job = options.view_as(EmbedCorpusOptions)
+    plan = plan_job(job, options.view_as(StandardOptions).runner)
+    for spec in (plan.image, plan.text):
+        if spec is not None:
+            log.info("%s encoder: %s → %d-d%s", spec.modality, spec.handle, spec.dim,
+                     f", {spec.image_size}x{spec.image_size} input" if spec.image_size else "")
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, job, plan)
+    started = time.perf_counter()
+    result = pipeline.run()
+    result.wait_until_finish()
+    report = build_report(JOB_NAME, result, time.perf_counter() - started, job.max_error_rate, plan.outputs,
+                          plan.schema_metadata)
+    write_report(report, plan.outputs["report"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m beam_jobs.embed_corpus", description=__doc__.split("\n\n")[0],
+                                     epilog="Any other flag (--runner, --project, --region, ...) goes to Beam.")
+    EmbedCorpusOptions._add_argparse_args(parser)
+    parser.parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("hubembed", "encoders"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        report = run(argv)
+    except JobConfigError as error:
+        print(f"hubembed: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(format_report(report))
+    if not report.passed:
+        print(f"hubembed: error: {report.dead_lettered} of {report.read} records were dead-lettered "
+              f"({report.error_rate:.2%} > --max_error_rate {report.max_error_rate:.2%}); "
+              f"see {report.outputs['dead_letters']}-*.parquet", file=sys.stderr)
+        return EXIT_TOO_MANY_ERRORS
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""sentence-transformers/all-MiniLM-L6-v2 rebuilt in TensorFlow: string in, normalised 384-d sentence vector out.
+
+The pipeline is the one sentence-transformers runs (`encode(..., normalize_embeddings=True)`):
+Hugging Face's fast BERT tokenizer (uncased) → BERT (6 layers, hidden 384, 12 heads) → attention-masked mean
+pooling → L2 normalisation. Tokenisation is part of the graph (tensorflow_text), so the SavedModel takes raw
+`tf.string` and needs no Python tokenizer at serving time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+
+from encoders.runtime import tf
+
+import tensorflow_text as tf_text  # noqa: E402,I001  (after encoders.runtime: TF must be imported through it first)
+
+# sentence-transformers' `max_seq_length` for this model (sentence_bert_config.json), counting [CLS] and [SEP].
+MAX_SEQ_LENGTH = 256
+EMBEDDING_DIM = 384
+# The tokenizer's added (special) tokens. Hugging Face matches them in the raw text before normalisation, so a
+# literal "[UNK]" in a sentence is the unknown token, not "[", "unk", "]".
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SPECIAL_TOKEN_PATTERN = r"\[(?:PAD|UNK|CLS|SEP|MASK)\]"
+# Hugging Face's WordPiece gives up on words longer than this (tensorflow_text counts bytes, HF counts characters:
+# the two agree on ASCII words).
+MAX_CHARS_PER_WORD = 100
+
+# Files of the sentence-transformers model folder this module reads.
+MODEL_FILES = ("config.json", "vocab.txt", "model.safetensors", "1_Pooling/config.json")
+
+
+def normalize_like_bert_uncased(texts: tf.Tensor) -> tf.Tensor:
+    """Hugging Face's `BertNormalizer(clean_text, lowercase, strip_accents=None)` on a string tensor.
+
+    tensorflow_text's `lower_case=True` path differs from it in ways the parity test can see: it case-folds with
+    NFKC (ß → ss, ﬁ → fi, full-width → ASCII), turns control/format characters into spaces where HF deletes them,
+    and does not treat non-ASCII spaces (NBSP, ideographic space) as whitespace. So the normalisation is done here
+    with tensorflow_text/TF string ops in HF's order, and the BertTokenizer below runs with lower_case=False.
+    """
+    # clean_text: drop NUL, U+FFFD and every "other" (C*) character except \t \n \r; map Unicode spaces to " ".
+    texts = tf.strings.regex_replace(texts, r"[\x00\x{FFFD}]|[^\PC\t\n\r]", "")
+    texts = tf.strings.regex_replace(texts, r"\p{Z}", " ")
+    # strip_accents (implied by lowercase when strip_accents is None): NFD, then drop non-spacing marks.
+    texts = tf_text.normalize_utf8(texts, "NFD")
+    texts = tf.strings.regex_replace(texts, r"\p{Mn}", "")
+    return tf.strings.lower(texts, encoding="utf-8")
+
+
+class MiniLMSentenceEncoder(tf.Module):
+    """[B] tf.string → [B, 384] float32, unit-length; `training=True` turns on BERT's dropout (p=0.1)."""
+
+    def __init__(self, config: Mapping, vocab: list[str], weights: Mapping[str, np.ndarray]):
+        super().__init__(name="minilm_l6_v2")
+        self.num_layers = int(config["num_hidden_layers"])
+        self.num_heads = int(config["num_attention_heads"])
+        self.hidden_size = int(config["hidden_size"])
+        self.head_size = self.hidden_size // self.num_heads
+        self.layer_norm_epsilon = float(config["layer_norm_eps"])
+        self.dropout_rate = float(config["hidden_dropout_prob"])
+        self.attention_dropout_rate = float(config["attention_probs_dropout_prob"])
+        self.cls_id = vocab.index("[CLS]")
+        self.sep_id = vocab.index("[SEP]")
+        self.pad_id = vocab.index("[PAD]")
+
+        self.vocab_table = tf.lookup.StaticVocabularyTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(vocab), tf.range(len(vocab), dtype=tf.int64), key_dtype=tf.string, value_dtype=tf.int64
+            ),
+            num_oov_buckets=1,
+        )
+        self.tokenizer = tf_text.BertTokenizer(
+            self.vocab_table,
+            suffix_indicator="##",
+            max_bytes_per_word=MAX_CHARS_PER_WORD,
+            token_out_type=tf.int64,
+            unknown_token="[UNK]",
+            lower_case=False,  # normalize_like_bert_uncased does it, HF's way
+        )
+
+        def variable(key: str, name: str, transpose: bool = False) -> tf.Variable:
+            value = weights[key]
+            # PyTorch Linear stores [out, in]; y = x @ kernel wants [in, out].
+            return tf.Variable(value.T.copy() if transpose else value, name=name, dtype=tf.float32)
+
+        self.word_embeddings = variable("embeddings.word_embeddings.weight", "embeddings/word")
+        self.position_embeddings = variable("embeddings.position_embeddings.weight", "embeddings/position")
+        self.token_type_embeddings = variable("embeddings.token_type_embeddings.weight", "embeddings/token_type")
+        self.embedding_norm = (
+            variable("embeddings.LayerNorm.weight", "embeddings/layer_norm/gamma"),
+            variable("embeddings.LayerNorm.bias", "embeddings/layer_norm/beta"),
+        )
+        self.layers = []
+        for index in range(self.num_layers):
+            prefix = f"encoder.layer.{index}."
+
+            def dense(part: str, name: str, prefix: str = prefix, index: int = index) -> tuple[tf.Variable, tf.Variable]:
+                return (
+                    variable(f"{prefix}{part}.weight", f"layer_{index}/{name}/kernel", transpose=True),
+                    variable(f"{prefix}{part}.bias", f"layer_{index}/{name}/bias"),
+                )
+
+            def norm(part: str, name: str, prefix: str = prefix, index: int = index) -> tuple[tf.Variable, tf.Variable]:
+                return (
+                    variable(f"{prefix}{part}.weight", f"layer_{index}/{name}/gamma"),
+                    variable(f"{prefix}{part}.bias", f"layer_{index}/{name}/beta"),
+                )
+
+            self.layers.append(
+                {
+                    "query": dense("attention.self.query", "attention/query"),
+                    "key": dense("attention.self.key", "attention/key"),
+                    "value": dense("attention.self.value", "attention/value"),
+                    "attention_output": dense("attention.output.dense", "attention/output"),
+                    "attention_norm": norm("attention.output.LayerNorm", "attention/layer_norm"),
+                    "intermediate": dense("intermediate.dense", "intermediate"),
+                    "output": dense("output.dense", "output"),
+                    "output_norm": norm("output.LayerNorm", "output/layer_norm"),
+                }
+            )
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.bool)])
+        def call(texts: tf.Tensor, training: tf.Tensor = False) -> tf.Tensor:
+            token_ids, mask = self.tokenize(texts)
+            hidden = self.encode(token_ids, mask, training)
+            return self.pool(hidden, mask)
+
+        self.__call__ = call
+
+    def tokenize(self, texts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """[B] strings → ([B, T] int64 token ids, [B, T] float32 attention mask), T = longest in the batch ≤ 256."""
+        # regex_split stops at a NUL byte; \x01 is a control character too, so clean_text still deletes it below.
+        texts = tf.strings.regex_replace(texts, r"\x00", "\x01")
+        # Cut special-token literals out first (kept as pieces of their own), as HF's added-token matching does.
+        pieces = tf_text.regex_split(texts, SPECIAL_TOKEN_PATTERN, SPECIAL_TOKEN_PATTERN)  # [B, (P)]
+        flat_pieces = pieces.flat_values
+        is_special = tf.strings.regex_full_match(flat_pieces, SPECIAL_TOKEN_PATTERN)
+        wordpieces = self.tokenizer.tokenize(normalize_like_bert_uncased(flat_pieces)).merge_dims(1, 2)  # [N, (W)]
+        ordinary = tf.ragged.boolean_mask(wordpieces, tf.ones_like(wordpieces, tf.bool) & ~is_special[:, None])
+        special = tf.RaggedTensor.from_row_lengths(
+            self.vocab_table.lookup(tf.boolean_mask(flat_pieces, is_special)), tf.cast(is_special, tf.int64)
+        )
+        piece_ids = tf.concat([ordinary, special], axis=1)  # each row is one or the other
+        token_ids = pieces.with_flat_values(piece_ids).merge_dims(1, 2)  # [B, (tokens)]
+        token_ids = token_ids[:, : MAX_SEQ_LENGTH - 2]
+        token_ids, _ = tf_text.combine_segments([token_ids], self.cls_id, self.sep_id)
+        mask = tf.ones_like(token_ids, tf.float32).to_tensor(0.0)
+        return token_ids.to_tensor(self.pad_id), mask
+
+    def encode(self, token_ids: tf.Tensor, mask: tf.Tensor, training: tf.Tensor) -> tf.Tensor:
+        """BERT: [B, T] ids → [B, T, hidden] last hidden states."""
+        length = tf.shape(token_ids)[1]
+        hidden = (
+            tf.gather(self.word_embeddings, token_ids)
+            + tf.gather(self.position_embeddings, tf.range(length))[None]
+            + self.token_type_embeddings[0]  # a single segment: token type 0 everywhere
+        )
+        hidden = self._dropout(self._layer_norm(hidden, self.embedding_norm), self.dropout_rate, training)
+        # Additive mask: padded keys get a large negative score so softmax gives them ~0 weight.
+        attention_bias = (1.0 - mask)[:, None, None, :] * -1e9  # [B, 1, 1, T]
+        for layer in self.layers:
+            hidden = self._transformer_layer(hidden, attention_bias, layer, training)
+        return hidden
+
+    def pool(self, hidden: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+        """Attention-masked mean over tokens (sentence-transformers Pooling, mean mode), then L2 normalisation."""
+        summed = tf.reduce_sum(hidden * mask[:, :, None], axis=1)
+        counts = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1e-9)
+        return tf.math.l2_normalize(summed / counts, axis=1, epsilon=1e-24)  # 1e-24 on the squared norm = torch's 1e-12
+
+    def _transformer_layer(self, hidden: tf.Tensor, attention_bias: tf.Tensor, layer: dict, training: tf.Tensor) -> tf.Tensor:
+        batch, length = tf.shape(hidden)[0], tf.shape(hidden)[1]
+
+        def heads(x: tf.Tensor) -> tf.Tensor:  # [B, T, H*D] → [B, H, T, D]
+            return tf.transpose(tf.reshape(x, [batch, length, self.num_heads, self.head_size]), [0, 2, 1, 3])
+
+        query = heads(self._dense(hidden, layer["query"]))
+        key = heads(self._dense(hidden, layer["key"]))
+        value = heads(self._dense(hidden, layer["value"]))
+        scores = tf.matmul(query, key, transpose_b=True) * (1.0 / math.sqrt(self.head_size)) + attention_bias
+        probs = self._dropout(tf.nn.softmax(scores, axis=-1), self.attention_dropout_rate, training)
+        context = tf.reshape(tf.transpose(tf.matmul(probs, value), [0, 2, 1, 3]), [batch, length, self.hidden_size])
+        attended = self._dropout(self._dense(context, layer["attention_output"]), self.dropout_rate, training)
+        hidden = self._layer_norm(attended + hidden, layer["attention_norm"])
+        intermediate = tf.nn.gelu(self._dense(hidden, layer["intermediate"]), approximate=False)  # BERT's erf GELU
+        output = self._dropout(self._dense(intermediate, layer["output"]), self.dropout_rate, training)
+        return self._layer_norm(output + hidden, layer["output_norm"])
+
+    @staticmethod
+    def _dense(x: tf.Tensor, kernel_and_bias: tuple[tf.Variable, tf.Variable]) -> tf.Tensor:
+        kernel, bias = kernel_and_bias
+        return tf.einsum("btd,de->bte", x, kernel) + bias
+
+    def _layer_norm(self, x: tf.Tensor, gamma_and_beta: tuple[tf.Variable, tf.Variable]) -> tf.Tensor:
+        gamma, beta = gamma_and_beta
+        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return (x - mean) * tf.math.rsqrt(variance + self.layer_norm_epsilon) * gamma + beta
+
+    @staticmethod
+    def _dropout(x: tf.Tensor, rate: float, training: tf.Tensor) -> tf.Tensor:
+        # tf.cond, not a rate of 0 at inference: inference then draws no random numbers at all.
+        return tf.cond(training, lambda: tf.nn.dropout(x, rate=rate), lambda: tf.identity(x))
+
+
+def build_module(model_files: Mapping[str, bytes]) -> MiniLMSentenceEncoder:
+    """The encoder from the sentence-transformers model folder's files (paths relative to it, see MODEL_FILES)."""
+    config = json.loads(model_files["config.json"])
+    pooling = json.loads(model_files["1_Pooling/config.json"])
+    # This module implements exactly one recipe; refuse a folder that asks for another rather than mis-encode.
+    if not pooling.get("pooling_mode_mean_tokens") or config.get("model_type") != "bert":
+        raise ValueError(f"expected a BERT model with mean pooling, got {config.get('model_type')!r} / {pooling}")
+    vocab = model_files["vocab.txt"].decode("utf-8").splitlines()
+    if len(vocab) != int(config["vocab_size"]):
+        raise ValueError(f"vocab.txt has {len(vocab)} entries, config.json says {config['vocab_size']}")
+    weights = load_safetensors(model_files["model.safetensors"])
+    return MiniLMSentenceEncoder(config, vocab, weights)

@@ -1,0 +1,188 @@
+"""EmbedRecords: batches of records → Arrow RecordBatches holding both modalities' vectors and their concatenation.
+
+Shaped like Beam's ModelHandler: `load_encoders` is the load_model half (run once per worker process through
+`shared.Shared`, so every DoFn thread of the process uses one copy), `EmbedBatch.process` the run_inference half.
+One DoFn holds both encoders and embeds both columns of the same batch, so no shuffle joins the modalities.
+Images are decoded and resized in TensorFlow; vectors go from the model's NumPy arrays to Arrow without Python
+floats in between.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+
+from encoders.hub_module import EncoderSpec, LoadedEncoder
+from encoders.runtime import configure_devices, tf
+from schemas import embeddings as cols
+from schemas.records import DeadLetter, Reason, Record, Stage
+from transforms.dead_letters import DEAD_LETTER_TAG, METRICS_NAMESPACE, RECORDS_EMBEDDED, dead_letter
+from transforms.report import ProgressLog
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    """Everything a worker needs to embed: the probed encoder specs and the output layout."""
+
+    image: EncoderSpec | None
+    text: EncoderSpec | None
+    schema: pa.Schema
+    passthrough: tuple[str, ...] = ()
+    l2_normalize: bool = False
+    device: str = "auto"
+
+    @property
+    def cache_tag(self) -> str:
+        return "|".join(spec.cache_tag if spec else "-" for spec in (self.image, self.text)) + "|" + self.device
+
+
+class Encoders:
+    """The per-process models: built once by `shared.Shared`, shared by every thread (hence weak-referenceable)."""
+
+    def __init__(self, config: EmbedConfig):
+        device = configure_devices(config.device)
+        self.image = LoadedEncoder(config.image, device) if config.image else None
+        self.text = LoadedEncoder(config.text, device) if config.text else None
+        self.decode_image = make_image_decoder(config.image.image_size) if config.image else None
+
+
+def make_image_decoder(size: int):
+    """bytes → [size, size, 3] float32 in [0, 1]: JPEG/PNG/GIF (first frame)/BMP/WebP, grey and RGBA made RGB."""
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def decode(data):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.float32)
+        return tf.clip_by_value(tf.image.resize(image, [size, size], method="bilinear"), 0.0, 1.0)
+
+    return decode
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def _vector_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1)),
+                                             vectors.shape[1])
+
+
+def to_record_batch(records: Sequence[Record], config: EmbedConfig, image_vectors: np.ndarray | None,
+                    has_image: np.ndarray, text_vectors: np.ndarray | None, has_text: np.ndarray) -> pa.RecordBatch:
+    """Embedded records → one RecordBatch of `config.schema` (a missing modality is zeros, with its mask false)."""
+    columns = {
+        cols.ID: pa.array([record.id for record in records], pa.string()),
+        cols.LABEL: pa.array([record.label for record in records], pa.string()),
+    }
+    for name in config.passthrough:
+        columns[name] = pa.array([record.extras.get(name) for record in records], pa.string())
+    parts = []
+    if image_vectors is not None:
+        columns[cols.IMAGE_EMBEDDING] = _vector_column(image_vectors)
+        columns[cols.HAS_IMAGE] = pa.array(has_image, pa.bool_())
+        parts.append(image_vectors)
+    if text_vectors is not None:
+        columns[cols.TEXT_EMBEDDING] = _vector_column(text_vectors)
+        columns[cols.HAS_TEXT] = pa.array(has_text, pa.bool_())
+        parts.append(text_vectors)
+    columns[cols.EMBEDDING] = _vector_column(np.concatenate(parts, axis=1))
+    return pa.RecordBatch.from_arrays([columns[field.name] for field in config.schema], schema=config.schema)
+
+
+class EmbedBatch(beam.DoFn):
+    """A batch of prepared records → a RecordBatch of the embedded ones, and dead letters for the rest."""
+
+    def __init__(self, config: EmbedConfig, model_cache: shared.Shared, progress: ProgressLog):
+        self._config = config
+        self._model_cache = model_cache
+        self._progress = progress
+        self._embedded = Metrics.counter(METRICS_NAMESPACE, RECORDS_EMBEDDED)
+        self._encoders: Encoders | None = None
+
+    def setup(self):
+        config = self._config
+        self._encoders = self._model_cache.acquire(lambda: Encoders(config), tag=config.cache_tag)
+
+    def _decode_images(self, records: Sequence[Record]) -> tuple[list[Record], list[np.ndarray], list[DeadLetter]]:
+        kept, pixels, dead = [], [], []
+        for record in records:
+            if record.image_bytes is None:
+                kept.append(record)
+                pixels.append(None)
+                continue
+            try:
+                pixels.append(self._encoders.decode_image(tf.constant(record.image_bytes)).numpy())
+                kept.append(record)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+                dead.append(dead_letter(record, Stage.EMBED, Reason.IMAGE_CORRUPT, error.message.split("\n")[0]))
+        return kept, pixels, dead
+
+    def _encode(self, encoder: LoadedEncoder, inputs: np.ndarray) -> np.ndarray:
+        vectors = encoder(inputs)
+        return l2_normalize(vectors) if self._config.l2_normalize else vectors
+
+    def _embed(self, records: list[Record], pixels: list) -> pa.RecordBatch:
+        size = len(records)
+        image_vectors = text_vectors = None
+        has_image = np.array([p is not None for p in pixels], bool)
+        has_text = np.array([record.text is not None for record in records], bool)
+        if self._encoders.image is not None:
+            image_vectors = np.zeros((size, self._config.image.dim), np.float32)
+            if has_image.any():
+                batch = np.stack([p for p in pixels if p is not None])
+                image_vectors[has_image] = self._encode(self._encoders.image, batch)
+        if self._encoders.text is not None:
+            text_vectors = np.zeros((size, self._config.text.dim), np.float32)
+            if has_text.any():
+                texts = np.array([record.text for record in records if record.text is not None], dtype=object)
+                text_vectors[has_text] = self._encode(self._encoders.text, texts)
+        return to_record_batch(records, self._config, image_vectors, has_image, text_vectors, has_text)
+
+    def process(self, batch: list[Record]) -> Iterator:
+        records, pixels, dead = self._decode_images(batch)
+        outputs: list[pa.RecordBatch] = []
+        if records:
+            try:
+                outputs.append(self._embed(records, pixels))
+            except Exception as batch_error:
+                # One poisonous record must not sink the batch (nor, after retries, the job): embed one by one
+                # and dead-letter what fails alone. If every record fails alone, the fault is not the data.
+                for record, pixel in zip(records, pixels):
+                    try:
+                        outputs.append(self._embed([record], [pixel]))
+                    except Exception as error:
+                        dead.append(dead_letter(record, Stage.EMBED, Reason.ENCODER_FAILED, error))
+                if not outputs:
+                    raise batch_error
+        embedded = sum(output.num_rows for output in outputs)
+        self._embedded.inc(embedded)
+        self._progress.add(embedded=embedded)
+        # Beam's Parquet sink writes pyarrow Tables (ParquetWriter.write_table); wrapping a batch copies nothing.
+        yield from (pa.Table.from_batches([output]) for output in outputs)
+        for letter in dead:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
+
+
+class EmbedRecords(beam.PTransform):
+    """prepared records → (pyarrow Tables of `config.schema`, dead_letters), in batches sized by BatchElements."""
+
+    def __init__(self, config: EmbedConfig, progress: ProgressLog, min_batch_size: int = 8, max_batch_size: int = 32):
+        super().__init__()
+        self._config = config
+        self._progress = progress
+        self._min_batch_size = min(min_batch_size, max_batch_size)
+        self._max_batch_size = max_batch_size
+
+    def expand(self, records):
+        outputs = (records
+                   | "Batch" >> beam.BatchElements(min_batch_size=self._min_batch_size,
+                                                   max_batch_size=self._max_batch_size)
+                   | "Embed" >> beam.ParDo(EmbedBatch(self._config, shared.Shared(), self._progress))
+                   .with_outputs(DEAD_LETTER_TAG, main="embeddings"))
+        return outputs.embeddings, outputs[DEAD_LETTER_TAG]

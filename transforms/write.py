@@ -1,0 +1,48 @@
+"""The sinks: embeddings and dead letters as sharded Parquet, through Beam's file sinks.
+
+Beam's FileBasedSink writes each bundle to a temporary file and renames the files into place only when the
+whole write finalises, so a failed or retried bundle never leaves a partial or duplicate file in the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import apache_beam as beam
+import pyarrow as pa
+
+from schemas.dead_letters import DEAD_LETTER_SCHEMA
+from transforms.dead_letters import CountDeadLetters
+
+PARQUET_SUFFIX = ".parquet"
+
+
+class WriteEmbeddings(beam.PTransform):
+    """pyarrow Tables of `schema` → `<prefix>-SSSSS-of-NNNNN.parquet` (num_shards 0: the runner chooses)."""
+
+    def __init__(self, file_path_prefix: str, schema: pa.Schema, num_shards: int = 0):
+        super().__init__()
+        self._prefix = file_path_prefix
+        self._schema = schema
+        self._num_shards = num_shards
+
+    def expand(self, tables):
+        return tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
+            self._prefix, schema=self._schema, codec="snappy", file_name_suffix=PARQUET_SUFFIX,
+            num_shards=self._num_shards)
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Dead letters from every step → counted (in total and by reason) → `<prefix>-*.parquet`."""
+
+    def __init__(self, file_path_prefix: str, progress=None):
+        super().__init__()
+        self._prefix = file_path_prefix
+        self._progress = progress
+
+    def expand(self, dead_letters):
+        return (dead_letters
+                | "Count" >> beam.ParDo(CountDeadLetters(self._progress))
+                | "ToRows" >> beam.Map(dataclasses.asdict)
+                | "WriteParquet" >> beam.io.WriteToParquet(
+                    self._prefix, schema=DEAD_LETTER_SCHEMA, file_name_suffix=PARQUET_SUFFIX, num_shards=1))
