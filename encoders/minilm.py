@@ -17,7 +17,9 @@ from safetensors.numpy import load as load_safetensors
 
 from encoders.runtime import tf
 
-import tensorflow_text as tf_text  # noqa: E402,I001  (after encoders.runtime: TF must be imported through it first)
+# isort: split
+# tensorflow_text imports TensorFlow: only after encoders.runtime has set TF_USE_LEGACY_KERAS.
+import tensorflow_text as tf_text
 
 # sentence-transformers' `max_seq_length` for this model (sentence_bert_config.json), counting [CLS] and [SEP].
 MAX_SEQ_LENGTH = 256
@@ -98,13 +100,13 @@ class MiniLMSentenceEncoder(tf.Module):
         for index in range(self.num_layers):
             prefix = f"encoder.layer.{index}."
 
-            def dense(part: str, name: str, prefix: str = prefix, index: int = index) -> tuple[tf.Variable, tf.Variable]:
+            def dense(part: str, name: str, prefix: str = prefix, index: int = index) -> tuple[tf.Variable, ...]:
                 return (
                     variable(f"{prefix}{part}.weight", f"layer_{index}/{name}/kernel", transpose=True),
                     variable(f"{prefix}{part}.bias", f"layer_{index}/{name}/bias"),
                 )
 
-            def norm(part: str, name: str, prefix: str = prefix, index: int = index) -> tuple[tf.Variable, tf.Variable]:
+            def norm(part: str, name: str, prefix: str = prefix, index: int = index) -> tuple[tf.Variable, ...]:
                 return (
                     variable(f"{prefix}{part}.weight", f"layer_{index}/{name}/gamma"),
                     variable(f"{prefix}{part}.bias", f"layer_{index}/{name}/beta"),
@@ -172,7 +174,9 @@ class MiniLMSentenceEncoder(tf.Module):
         counts = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1e-9)
         return tf.math.l2_normalize(summed / counts, axis=1, epsilon=1e-24)  # 1e-24 on the squared norm = torch's 1e-12
 
-    def _transformer_layer(self, hidden: tf.Tensor, attention_bias: tf.Tensor, layer: dict, training: tf.Tensor) -> tf.Tensor:
+    def _transformer_layer(
+        self, hidden: tf.Tensor, attention_bias: tf.Tensor, layer: dict, training: tf.Tensor
+    ) -> tf.Tensor:
         batch, length = tf.shape(hidden)[0], tf.shape(hidden)[1]
 
         def heads(x: tf.Tensor) -> tf.Tensor:  # [B, T, H*D] → [B, H, T, D]

