@@ -19,6 +19,8 @@ from transforms.dead_letters import dead_letter, route
 
 # What TensorFlow's decode_image reads (PIL names); others are dead-lettered before they reach the decoder.
 TF_DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP"})
+# Leading bytes of the formats above: a file that starts like an image but will not open is corrupt, not a non-image.
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel RGB image decodes to 120 MB of uint8, 480 MB of float32
 
 
@@ -93,7 +95,8 @@ def fetch_and_check_image(record: Record, max_pixels: int) -> Iterator[Record | 
         yield dead_letter(record, Stage.PREPARE, Reason.IMAGE_TOO_LARGE, error)
         return
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        yield dead_letter(record, Stage.PREPARE, Reason.NOT_AN_IMAGE, error)
+        corrupt = record.image_bytes.startswith(IMAGE_SIGNATURES)
+        yield dead_letter(record, Stage.PREPARE, Reason.IMAGE_CORRUPT if corrupt else Reason.NOT_AN_IMAGE, error)
         return
     if image_format not in TF_DECODABLE_FORMATS:
         yield dead_letter(record, Stage.PREPARE, Reason.NOT_AN_IMAGE,

@@ -44,22 +44,21 @@ def expand_patterns(path: str) -> list[str]:
 
 
 def infer_format(path: str) -> str:
-    """The input format from the path: a folder is an image folder, else the file suffix decides."""
+    """The input format from the path: the file suffix decides, and a folder with files in it is an image folder."""
     stripped = path.rstrip("/")
-    if not any(ch in stripped for ch in "*?[{") and _is_directory(stripped):
-        return "image_folder"
     for suffix, fmt in _SUFFIX_FORMATS.items():
         if stripped.lower().endswith(suffix):
             return fmt
-    raise CorpusConfigError(
-        f"cannot tell the input format of {path!r} from its name: pass --input_format, one of {', '.join(INPUT_FORMATS)}")
+    if not any(ch in stripped for ch in "*?[{") and _has_files(FileSystems.join(stripped, "*", "*")):
+        return "image_folder"
+    raise CorpusConfigError(f"cannot tell the input format of {path!r} from its name: "
+                            f"pass --input_format, one of {', '.join(INPUT_FORMATS)}")
 
 
-def _is_directory(path: str) -> bool:
+def _has_files(pattern: str) -> bool:
     try:
-        return not FileSystems.match([path])[0].metadata_list and bool(
-            FileSystems.match([FileSystems.join(path, "*")])[0].metadata_list)
-    except Exception:  # BeamIOError for a pattern with no match: not a folder
+        return bool(FileSystems.match([pattern])[0].metadata_list)
+    except Exception:  # BeamIOError when nothing matches
         return False
 
 
@@ -109,8 +108,8 @@ def manifest_row_to_record(row: dict, source: str, base_dir: str, passthrough: S
         try:
             image_bytes = base64.b64decode(image_bytes, validate=True) if image_bytes.strip() else None
         except ValueError as error:
-            return dead_letter(None, Stage.READ, Reason.UNREADABLE_ROW,
-                               ValueError(f"image_bytes is not base64: {error}"), source=source)
+            return dead_letter(Record(id=_clean(row.get("id")), source=source), Stage.READ, Reason.UNREADABLE_ROW,
+                               ValueError(f"image_bytes is not base64: {error}"))
     image = _clean(row.get("image"))
     text = row.get("text")
     return Record(

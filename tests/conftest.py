@@ -1,0 +1,30 @@
+"""Shared fixtures: the tiny Hub-format encoders, built once per test session."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests import fixture_models
+
+
+@pytest.fixture(scope="session")
+def fixture_encoders(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("encoders")
+    return {
+        "image": fixture_models.build_image_encoder(str(root / "image")),
+        "image_any_size": fixture_models.build_image_encoder(str(root / "image_any_size"), size=None),
+        "text": fixture_models.build_text_encoder(str(root / "text")),
+        "bad_rank": fixture_models.build_bad_rank_encoder(str(root / "bad_rank")),
+    }
+
+
+def read_parquet_dir(folder: str, prefix: str) -> pa.Table:
+    """Every `<prefix>-*.parquet` in `folder`, concatenated (an empty table if there is none)."""
+    files = sorted(glob.glob(os.path.join(folder, f"{prefix}-*.parquet")))
+    assert files, f"no {prefix} files in {folder}"
+    return pa.concat_tables([pq.read_table(path) for path in files])
