@@ -57,7 +57,9 @@ def make_image_decoder(size: int):
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
     def decode(data):
-        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.float32)
+        # Decode to uint8 and convert after: TF's WebP decoder refuses a float32 dtype (the /255 is the same).
+        image = tf.image.convert_image_dtype(tf.io.decode_image(data, channels=3, expand_animations=False),
+                                             tf.float32)
         return tf.clip_by_value(tf.image.resize(image, [size, size], method="bilinear"), 0.0, 1.0)
 
     return decode
