@@ -1,0 +1,1 @@
+"""Entry points, one module per job: embed_corpus (the embedding job), train_classifier, predict."""

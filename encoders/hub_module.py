@@ -65,7 +65,7 @@ def _fixed_image_size(layer) -> int | None:
     # RestoredFunction holding one ConcreteFunction per traced input signature.
     fn = layer._callable
     specs = []
-    for candidate in (fn, getattr(fn, "__call__", None)):
+    for candidate in (fn, getattr(fn, "__call__", None)):  # noqa: B004 (the attribute itself, not callability)
         if hasattr(candidate, "structured_input_signature"):
             specs.extend(tf.nest.flatten(candidate.structured_input_signature))
         for concrete in getattr(candidate, "_list_all_concrete_functions", lambda: [])():

@@ -58,7 +58,7 @@ def test_each_input_format_embeds_every_record(fixture_encoders, tmp_path, input
     assert sorted(table.column("id").to_pylist()) == sorted(ids)
     by_id = {row["id"]: row for row in table.to_pylist()}
     expected = expected_vectors(fixture_encoders, rows)
-    for row, wanted_id in zip(rows, ids):
+    for row, wanted_id in zip(rows, ids, strict=True):
         got = by_id[wanted_id]
         assert got["label"] == row["label"]
         assert got["has_image"] and got["has_text"]

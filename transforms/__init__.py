@@ -1,0 +1,1 @@
+"""Reusable PTransforms and DoFns: read, prepare, embed, write, dead letters, progress and report."""

@@ -155,7 +155,7 @@ class EmbedBatch(beam.DoFn):
             except Exception as batch_error:
                 # One poisonous record must not sink the batch (nor, after retries, the job): embed one by one
                 # and dead-letter what fails alone. If every record fails alone, the fault is not the data.
-                for record, pixel in zip(records, pixels):
+                for record, pixel in zip(records, pixels, strict=True):
                     try:
                         outputs.append(self._embed([record], [pixel]))
                     except Exception as error:

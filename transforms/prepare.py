@@ -6,6 +6,7 @@ Everything that can be judged without a model is judged here, so the embed step 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from collections.abc import Iterable, Iterator
@@ -41,14 +42,14 @@ def validate_record(record: Record, use_image: bool, use_text: bool) -> Iterator
     has_image = use_image and (record.image_bytes is not None or record.image_uri is not None)
     has_text = use_text and text is not None
     if not (has_image or has_text):
-        wanted = " or ".join(m for m, used in (("an image", use_image), ("a text", use_text)) if used)
-        yield dead_letter(record, Stage.PREPARE, Reason.NO_MODALITY, f"the record has neither {wanted} to embed"
-                          if use_image and use_text else f"the record has no {wanted[2:].strip()} to embed")
+        missing = [name for name, used in (("image", use_image), ("text", use_text)) if used]
+        yield dead_letter(record, Stage.PREPARE, Reason.NO_MODALITY,
+                          f"nothing to embed: the record has no {' and no '.join(missing)}")
         return
-    record.text = text if has_text else None
-    if not has_image:
-        record.image_bytes = record.image_uri = None
-    yield record
+    # Beam may share an input element between consumers: emit a new record rather than change this one.
+    yield dataclasses.replace(record, text=text if has_text else None,
+                              image_bytes=record.image_bytes if has_image else None,
+                              image_uri=record.image_uri if has_image else None)
 
 
 def natural_key(source: str) -> list:
@@ -78,7 +79,7 @@ def fetch_and_check_image(record: Record, max_pixels: int) -> Iterator[Record | 
     if record.image_uri is not None and record.image_bytes is None:
         try:
             with FileSystems.open(record.image_uri) as handle:
-                record.image_bytes = handle.read()
+                record = dataclasses.replace(record, image_bytes=handle.read())
         except Exception as error:  # BeamIOError / FileNotFoundError / permission errors, by filesystem
             yield dead_letter(record, Stage.PREPARE, Reason.IMAGE_MISSING, error)
             return
@@ -100,7 +101,8 @@ def fetch_and_check_image(record: Record, max_pixels: int) -> Iterator[Record | 
         return
     if image_format not in TF_DECODABLE_FORMATS:
         yield dead_letter(record, Stage.PREPARE, Reason.NOT_AN_IMAGE,
-                          f"{image_format} images are not decoded; use one of {', '.join(sorted(TF_DECODABLE_FORMATS))}")
+                          f"{image_format} images are not decoded; use one of "
+                          f"{', '.join(sorted(TF_DECODABLE_FORMATS))}")
         return
     if width * height > max_pixels:
         yield dead_letter(record, Stage.PREPARE, Reason.IMAGE_TOO_LARGE,
