@@ -237,7 +237,9 @@ def run(argv: list[str] | None = None) -> RunReport:
     started = time.perf_counter()
     result = pipeline.run()
     result.wait_until_finish()
-    report = build_report(JOB_NAME, result, time.perf_counter() - started, job.max_error_rate, plan.outputs,
+    written = {"embeddings": plan.outputs["embeddings"] + "-*" + PARQUET_SUFFIX,
+               "dead_letters": plan.outputs["dead_letters"] + "-*" + PARQUET_SUFFIX, "report": plan.outputs["report"]}
+    report = build_report(JOB_NAME, result, time.perf_counter() - started, job.max_error_rate, written,
                           plan.schema_metadata)
     write_report(report, plan.outputs["report"])
     return report
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if not report.passed:
         print(f"hubembed: error: {report.dead_lettered} of {report.read} records were dead-lettered "
               f"({report.error_rate:.2%} > --max_error_rate {report.max_error_rate:.2%}); "
-              f"see {report.outputs['dead_letters']}-*.parquet", file=sys.stderr)
+              f"see {report.outputs['dead_letters']}", file=sys.stderr)
         return EXIT_TOO_MANY_ERRORS
     return EXIT_OK
 
