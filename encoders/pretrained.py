@@ -112,9 +112,23 @@ def ensure_baked(name: str, cache_dir: str | None = None, *, index_url: str | No
 
     `index_url` replaces pip's package index for the download (pip's own config and PIP_* variables apply too).
     Raises EncoderUnavailable when the source cannot be fetched or fails verification.
+
+    The text encoder's graph uses tensorflow_text ops; this registers them in the calling process so the returned
+    path loads here. Another process that loads it must `import tensorflow_text` (or call register_ops) first.
     """
     path, _ = _ensure_baked(name, cache_dir, index_url)
+    register_ops(name)
     return path
+
+
+def register_ops(name: str) -> None:
+    """Make the custom ops encoder `name` needs loadable in this process (tensorflow_text's, for MiniLM)."""
+    _check_name(name)
+    if name == MINILM:
+        from encoders.runtime import tf  # noqa: F401  (TF first: it sets TF_USE_LEGACY_KERAS)
+
+        # isort: split
+        import tensorflow_text  # noqa: F401  (registers RegexSplitWithOffsets, WordpieceTokenizeWithOffsets, ...)
 
 
 def _ensure_baked(name: str, cache_dir: str | None, index_url: str | None) -> tuple[str, bool]:
@@ -240,6 +254,8 @@ def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
     tf.saved_model.save(root, destination)
     source = SOURCES[name]
     provenance = {"name": name, "source": source.requirement, "source_sha256": source.sha256, **details}
+    if name == MINILM:
+        provenance["requires"] = "import tensorflow_text before loading (its tokenizer ops are in the graph)"
     with open(os.path.join(destination, PROVENANCE_FILE), "w", encoding="utf-8") as handle:
         json.dump(provenance, handle, indent=1)
 
