@@ -1,0 +1,410 @@
+"""The downstream stage: a classifier on the embedding job's Parquet, or fine-tuned from the raw corpus.
+
+    python -m beam_jobs.train_classifier --input out/embeddings/embeddings-*.parquet --output out/classifier/ \
+        [--features image|text|both] [--class_weights balanced] [...]
+    python -m beam_jobs.train_classifier --fine_tune --input corpus/manifest.jsonl --output out/fine_tuned/ \
+        --image_encoder H --text_encoder H [--features ...]
+
+Frozen features (default): read → prepare (label present, split by id hash) → tf.Transform analysis on Beam
+(label vocabulary, per-dimension z-score) → train the Keras head → evaluate on the test split → write the
+serving model, the transform graph, the report and its pictures.
+Fine-tune (--fine_tune): read → prepare (the embedding job's ReadCorpus + PrepareRecords on Beam) → train
+trainable hub.KerasLayer encoders under the same head, with a low learning rate → the same evaluation and outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_jobs.embed_corpus import NO_ENCODER, JobConfigError, _resolve_encoder
+from beam_jobs.options import add_flag
+from encoders.hub_module import EncoderSpec
+from schemas import embeddings as cols
+from schemas import predictions as pred
+from schemas.training import FEATURES, ModelInfo, TrainingReport
+from transforms import fine_tune
+from transforms.classify import (
+    CLASS_WEIGHT_MODES,
+    HeadConfig,
+    build_head,
+    class_weight_for,
+    fit,
+    format_metrics,
+    set_seed,
+    test_metrics,
+)
+from transforms.embeddings_input import FEATURE_COLUMNS, EmbeddingsInput, EmbeddingsInputError, inspect_embeddings
+from transforms.embeddings_input import read_table as read_embeddings
+from transforms.plots import plot_confusion_matrix, plot_training_curves
+from transforms.prepare import DEFAULT_MAX_IMAGE_PIXELS
+from transforms.read import INPUT_FORMATS, CorpusConfigError, infer_format, match_patterns
+from transforms.report import counters
+from transforms.split import SPLITS, TEST, TRAIN, VALIDATION, check_ratios, split_of
+from transforms.tft_features import (
+    SPLIT,
+    analyze_training_split,
+    label_vocabulary,
+    labeled_rows,
+    load_transform,
+    raw_inputs,
+)
+
+JOB_NAME = "train_classifier"
+EXIT_OK, EXIT_CONFIG = 0, 2
+MODEL_DIR, TRANSFORM_DIR = "model", "transform"
+REPORT_NAME = "training_report.json"
+CONFUSION_MATRIX_PNG, TRAINING_CURVES_PNG = "confusion_matrix.png", "training_curves.png"
+TEST_PREDICTIONS = "test_predictions.parquet"
+DEAD_LETTERS_PREFIX = "dead_letters"  # fine-tune mode only: records read/prepare could not use
+
+log = logging.getLogger("hubembed")
+
+
+class TrainClassifierOptions(PipelineOptions):
+    """The training job's options; every other flag goes to Beam (runner, temp_location...)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("hubembed train_classifier")
+        add_flag(group, "--input", help="embeddings Parquet written by embed_corpus (a glob, local or gs://); "
+                                           "with --fine_tune: the raw corpus, as embed_corpus's --input")
+        add_flag(group, "--output", help="output folder: model/, transform/, training_report.json, "
+                                            "confusion_matrix.png, training_curves.png, test_predictions.parquet")
+        add_flag(group, "--features", default="both", choices=FEATURES,
+                           help="image_embedding, text_embedding, or both concatenated (with has_image/has_text)")
+        add_flag(group, "--validation_ratio", type=float, default=0.15, help="share of ids in the validation split")
+        add_flag(group, "--test_ratio", type=float, default=0.2, help="share of ids in the test split")
+        add_flag(group, "--top_k_labels", type=int, default=0,
+                           help="keep only the k most frequent labels (0: all); rows of other labels are skipped")
+        add_flag(group, "--label_frequency_threshold", type=int, default=0,
+                           help="keep only labels seen at least this often in the training split (0: all)")
+        add_flag(group, "--hidden_units", default="128", help="comma-separated sizes of the head's Dense(relu) "
+                                                                "layers, each followed by Dropout")
+        add_flag(group, "--dropout", type=float, default=0.2, help="dropout rate after each hidden layer")
+        add_flag(group, "--learning_rate", type=float, default=1e-3, help="Adam learning rate of the head")
+        add_flag(group, "--epochs", type=int, default=100, help="most epochs; early stopping usually ends sooner")
+        add_flag(group, "--batch_size", type=int, default=32, help="training batch size")
+        add_flag(group, "--patience", type=int, default=10,
+                           help="epochs without a better validation loss before stopping (best weights restored)")
+        add_flag(group, "--class_weights", default="none", choices=CLASS_WEIGHT_MODES,
+                           help="'balanced': weight each label by n_rows / (n_labels * its rows), for imbalance")
+        add_flag(group, "--seed", type=int, default=0, help="seed of weights, dropout and shuffling")
+        add_flag(group, "--overwrite", action="store_true",
+                           help="replace the output of an earlier run in --output instead of refusing to start")
+        fine = parser.add_argument_group("hubembed train_classifier --fine_tune")
+        add_flag(fine, "--fine_tune", action="store_true",
+                          help="train the encoders too (hub.KerasLayer trainable=True), from the raw corpus")
+        add_flag(fine, "--input_format", default="auto", choices=("auto", *INPUT_FORMATS),
+                          help="the raw corpus's format (as embed_corpus)")
+        add_flag(fine, "--image_encoder", default="", help="image encoder handle (as embed_corpus)")
+        add_flag(fine, "--text_encoder", default="", help="text encoder handle (as embed_corpus)")
+        add_flag(fine, "--image_size", type=int, default=None, help="image size when the encoder does not fix it")
+        add_flag(fine, "--fine_tune_learning_rate", type=float, default=1e-4,
+                          help="Adam learning rate of the whole model (encoders and head) in fine-tune mode")
+        add_flag(fine, "--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                          help="images with more pixels are dead-lettered (as embed_corpus)")
+        add_flag(fine, "--encoder_cache_dir", default=None, help="where the baked default encoders live")
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    """What start-up checking decided."""
+
+    mode: str
+    head: HeadConfig
+    outputs: dict[str, str]
+    top_k: int | None
+    frequency_threshold: int | None
+    embeddings: EmbeddingsInput | None = None  # frozen mode
+    input_format: str | None = None  # fine-tune mode
+    image: EncoderSpec | None = None
+    text: EncoderSpec | None = None
+
+
+def _check_output(output: str, overwrite: bool, fine_tuning: bool) -> dict[str, str]:
+    outputs = {
+        "model": FileSystems.join(output, MODEL_DIR),
+        "report": FileSystems.join(output, REPORT_NAME),
+        "confusion_matrix": FileSystems.join(output, CONFUSION_MATRIX_PNG),
+        "training_curves": FileSystems.join(output, TRAINING_CURVES_PNG),
+        "test_predictions": FileSystems.join(output, TEST_PREDICTIONS),
+    }
+    if fine_tuning:
+        outputs["dead_letters"] = FileSystems.join(output, DEAD_LETTERS_PREFIX)
+    else:
+        outputs["transform"] = FileSystems.join(output, TRANSFORM_DIR)
+    earlier = [path for name, path in outputs.items() if name != "dead_letters" and FileSystems.exists(path)]
+    earlier += [m.path for r in FileSystems.match([FileSystems.join(output, DEAD_LETTERS_PREFIX) + "-*"])
+                for m in r.metadata_list]
+    if earlier and not overwrite:
+        raise JobConfigError(f"{output} already holds a training run's output ({len(earlier)} entries): "
+                             "pass --overwrite to replace it, or write to a new folder")
+    if earlier:
+        FileSystems.delete(earlier)
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
+    return outputs
+
+
+def _head_config(job: TrainClassifierOptions) -> HeadConfig:
+    try:
+        hidden_units = tuple(int(size) for size in job.hidden_units.split(",") if size.strip())
+    except ValueError as error:
+        raise JobConfigError(f"--hidden_units must be comma-separated integers, not {job.hidden_units!r}") from error
+    if any(size < 1 for size in hidden_units):
+        raise JobConfigError("--hidden_units sizes must be at least 1")
+    if not 0.0 <= job.dropout < 1.0:
+        raise JobConfigError("--dropout must be in [0, 1)")
+    if job.epochs < 1 or job.batch_size < 1 or job.patience < 0:
+        raise JobConfigError("--epochs and --batch_size must be at least 1, --patience at least 0")
+    learning_rate = job.fine_tune_learning_rate if job.fine_tune else job.learning_rate
+    if learning_rate <= 0:
+        raise JobConfigError("the learning rate must be positive")
+    return HeadConfig(hidden_units=hidden_units, dropout=job.dropout, learning_rate=learning_rate, epochs=job.epochs,
+                      batch_size=job.batch_size, patience=job.patience, class_weights=job.class_weights,
+                      seed=job.seed)
+
+
+def plan_job(job: TrainClassifierOptions) -> TrainPlan:
+    """Check everything a user can get wrong, before any work. Raises JobConfigError (one line)."""
+    if not job.input:
+        raise JobConfigError("--input is required")
+    if not job.output:
+        raise JobConfigError("--output is required")
+    ratio_problem = check_ratios(job.validation_ratio, job.test_ratio)
+    if ratio_problem:
+        raise JobConfigError(ratio_problem)
+    if job.top_k_labels < 0 or job.label_frequency_threshold < 0:
+        raise JobConfigError("--top_k_labels and --label_frequency_threshold must be 0 (off) or positive")
+    head = _head_config(job)
+    top_k, threshold = job.top_k_labels or None, job.label_frequency_threshold or None
+    if not job.fine_tune:
+        try:
+            embeddings = inspect_embeddings(job.input, (cols.ID, cols.LABEL, *FEATURE_COLUMNS[job.features]))
+        except EmbeddingsInputError as error:
+            raise JobConfigError(str(error)) from error
+        outputs = _check_output(job.output, job.overwrite, fine_tuning=False)
+        return TrainPlan("frozen", head, outputs, top_k, threshold, embeddings=embeddings)
+    try:
+        input_format = infer_format(job.input) if job.input_format == "auto" else job.input_format
+        match_patterns(job.input, input_format)
+    except CorpusConfigError as error:
+        raise JobConfigError(str(error)) from error
+    use_image, use_text = job.features in ("image", "both"), job.features in ("text", "both")
+    for modality, handle, used in (("image", job.image_encoder, use_image), ("text", job.text_encoder, use_text)):
+        if used and handle.strip().lower() == NO_ENCODER:
+            raise JobConfigError(f"--features {job.features} needs an {modality} encoder, not '{NO_ENCODER}'")
+    image = _resolve_encoder("image", job.image_encoder, None, None, job.image_size,
+                             job.encoder_cache_dir) if use_image else None
+    text = _resolve_encoder("text", job.text_encoder, None, None, None, job.encoder_cache_dir) if use_text else None
+    outputs = _check_output(job.output, job.overwrite, fine_tuning=True)
+    return TrainPlan("fine_tune", head, outputs, top_k, threshold, input_format=input_format, image=image, text=text)
+
+
+def _label_ids(labels: np.ndarray, vocabulary: list[str]) -> np.ndarray:
+    index = {label: position for position, label in enumerate(vocabulary)}
+    return np.array([index.get(label, -1) for label in labels], np.int64)
+
+
+def _split_indices(splits: np.ndarray, label_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Row indices of each split, rows whose label is outside the vocabulary left out."""
+    indices = {name: np.flatnonzero((splits == name) & (label_ids >= 0)) for name in SPLITS}
+    for name in (TRAIN, VALIDATION, TEST):
+        if not len(indices[name]):
+            raise JobConfigError(f"the {name} split is empty: use more labeled rows or change --validation_ratio / "
+                                 "--test_ratio")
+    return indices
+
+
+def _write_test_predictions(path: str, ids: np.ndarray, probabilities: np.ndarray, labels: list[str],
+                            model_info: ModelInfo) -> np.ndarray:
+    """The in-process test-split predictions, in the predict job's schema; returns the predicted label ids."""
+    from transforms.predict import prediction_table  # the predict job's own row layout
+
+    metadata = {pred.META_MODEL_INFO: json.dumps(model_info.to_dict(), sort_keys=True)}
+    table = prediction_table(list(ids), probabilities, labels, top_k=min(3, len(labels)),
+                             schema=pred.predictions_schema(metadata))
+    with FileSystems.create(path) as handle:
+        pq.write_table(table, handle)
+    return probabilities.argmax(axis=1)
+
+
+def _finish(plan: TrainPlan, job: TrainClassifierOptions, labels: list[str], rows: dict[str, int],
+            true_ids: np.ndarray, predicted_ids: np.ndarray, training: dict, started: float,
+            metadata: dict[str, str]) -> TrainingReport:
+    """Metrics, pictures and report: the same for both modes, so their reports compare side by side."""
+    metrics = test_metrics(true_ids, predicted_ids, labels)
+    title = f"{plan.mode} {job.features}"
+    plot_confusion_matrix(metrics.confusion_matrix, labels, f"{title}: test split (accuracy {metrics.accuracy:.3f})",
+                          plan.outputs["confusion_matrix"])
+    plot_training_curves(training["history"], training["best_epoch"], title, plan.outputs["training_curves"])
+    hyperparameters = {**dataclasses.asdict(plan.head), "validation_ratio": job.validation_ratio,
+                       "test_ratio": job.test_ratio, "top_k_labels": job.top_k_labels,
+                       "label_frequency_threshold": job.label_frequency_threshold}
+    report = TrainingReport(job=JOB_NAME, mode=plan.mode, features=job.features, labels=labels, rows=rows,
+                            metrics=metrics, training=training, hyperparameters=hyperparameters,
+                            seconds=round(time.perf_counter() - started, 3), outputs=plan.outputs, metadata=metadata)
+    with FileSystems.create(plan.outputs["report"]) as handle:
+        handle.write(json.dumps(report.to_dict(), indent=2, sort_keys=True).encode())
+    return report
+
+
+def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
+    """Embeddings Parquet → tf.Transform analysis → head → serving model and report."""
+    from transforms.serving import FrozenFeatureModel, export
+
+    started = time.perf_counter()
+    embeddings = plan.embeddings
+    # Analyze: the full pass over the training split, on Beam; writes transform/ beside the model.
+    analyze_training_split(embeddings.paths, job.features, embeddings.dims, job.validation_ratio, job.test_ratio,
+                           plan.top_k, plan.frequency_threshold, plan.outputs["transform"], options)
+    transform = load_transform(plan.outputs["transform"])
+    labels = label_vocabulary(transform)
+    if len(labels) < 2:
+        raise JobConfigError(f"the training split has {len(labels)} label(s) after --top_k_labels / "
+                             "--label_frequency_threshold: a classifier needs at least 2")
+    # Read and prepare in memory: the head trains on every row at once (embeddings are small next to images).
+    table = read_embeddings(embeddings.paths, (cols.ID, cols.LABEL, *FEATURE_COLUMNS[job.features]))
+    rows, skipped = labeled_rows(table, job.features, embeddings.dims, job.validation_ratio, job.test_ratio)
+    label_ids = _label_ids(rows[cols.LABEL], labels)
+    split = _split_indices(rows[SPLIT], label_ids)
+    # Transform: the very layer the serving model embeds.
+    set_seed(plan.head.seed)
+    transform_layer = transform.transform_features_layer()
+    head = build_head(len(labels), plan.head)
+    model = FrozenFeatureModel(transform_layer, head, labels, job.features, embeddings.dims)
+    from transforms.serving import head_inputs
+
+    def head_input(name: str) -> np.ndarray:
+        return head_inputs(transform_layer(raw_inputs(rows, job.features, split[name]))).numpy()
+
+    training = fit(head, (head_input(TRAIN), label_ids[split[TRAIN]]),
+                   (head_input(VALIDATION), label_ids[split[VALIDATION]]), plan.head, plan.head.learning_rate,
+                   class_weight_for(plan.head, label_ids[split[TRAIN]], len(labels)))
+    # Evaluate through the serving path (transform layer + head), then export.
+    info = ModelInfo(mode=plan.mode, features=job.features, labels=labels,
+                     inputs={name: embeddings.dims.get(name, 0) for name in FEATURE_COLUMNS[job.features]},
+                     encoder_identity=embeddings.identity)
+    probabilities = model.probabilities(raw_inputs(rows, job.features, split[TEST]))
+    export(model, plan.outputs["model"], info)
+    predicted = _write_test_predictions(plan.outputs["test_predictions"], rows[cols.ID][split[TEST]], probabilities,
+                                        labels, info)
+    counts = {"read": table.num_rows, "skipped_unlabeled": skipped["unlabeled"],
+              "skipped_missing_modality": skipped["missing_modality"],
+              "skipped_label_not_in_vocabulary": int((label_ids < 0).sum()),
+              **{name: len(split[name]) for name in SPLITS}}
+    return _finish(plan, job, labels, counts, label_ids[split[TEST]], predicted, training, started,
+                   embeddings.metadata)
+
+
+def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
+    """Raw corpus → records (read + prepare on Beam) → trainable encoders + head → serving model and report."""
+    import apache_beam as beam
+
+    from transforms.serving import FineTunedModel, export
+
+    started = time.perf_counter()
+    use_image, use_text = plan.image is not None, plan.text is not None
+    with tempfile.TemporaryDirectory(prefix="hubembed-records-") as temp:
+        records_prefix = FileSystems.join(temp, "records")
+        pipeline = beam.Pipeline(options=options)
+        fine_tune.build_records_pipeline(pipeline, job.input, plan.input_format, use_image, use_text,
+                                         job.max_image_pixels, records_prefix, plan.outputs["dead_letters"])
+        result = pipeline.run()
+        result.wait_until_finish()
+        table = fine_tune.read_records(records_prefix)
+    totals = counters(result)
+    labels_column = table.column(cols.LABEL).to_pylist()
+    labeled = np.array([label is not None and label.strip() != "" for label in labels_column], bool)
+    table = table.filter(pa.array(labeled))
+    ids = np.array(table.column(cols.ID).to_pylist(), object)
+    row_labels = np.array(table.column(cols.LABEL).to_pylist(), object)
+    splits = np.array([split_of(row_id, job.validation_ratio, job.test_ratio) for row_id in ids], object)
+    labels = fine_tune.label_vocabulary(list(row_labels[splits == TRAIN]), plan.top_k, plan.frequency_threshold)
+    if len(labels) < 2:
+        raise JobConfigError(f"the training split has {len(labels)} label(s): a classifier needs at least 2")
+    label_ids = _label_ids(row_labels, labels)
+    split = _split_indices(splits, label_ids)
+    image_size = plan.image.image_size if plan.image else None
+    inputs = fine_tune.model_inputs(table, image_size, use_image, use_text)
+
+    def part(name: str) -> dict[str, np.ndarray]:
+        return {key: value[split[name]] for key, value in inputs.items()}
+
+    set_seed(plan.head.seed)
+    model = fine_tune.build_fine_tune_model(plan.image, plan.text, len(labels), plan.head, part(TRAIN))
+    before = fine_tune.encoder_weights(model)
+    training = fit(model, (part(TRAIN), label_ids[split[TRAIN]]), (part(VALIDATION), label_ids[split[VALIDATION]]),
+                   plan.head, plan.head.learning_rate, class_weight_for(plan.head, label_ids[split[TRAIN]],
+                                                                         len(labels)))
+    training["encoder_weight_change"] = fine_tune.weight_change(before, fine_tune.encoder_weights(model))
+    metadata = {}
+    if plan.image:
+        metadata[cols.META_IMAGE_ENCODER] = plan.image.to_json()
+    if plan.text:
+        metadata[cols.META_TEXT_ENCODER] = plan.text.to_json()
+    info = ModelInfo(mode=plan.mode, features=job.features, labels=labels,
+                     inputs={name: 0 for name, used in (("image_bytes", use_image), ("text", use_text)) if used},
+                     encoder_identity=cols.encoder_identity(metadata))
+    probabilities = model.predict(part(TEST), batch_size=64, verbose=0)
+    export(FineTunedModel(model, labels, use_image, use_text, image_size), plan.outputs["model"], info)
+    predicted = _write_test_predictions(plan.outputs["test_predictions"], ids[split[TEST]], probabilities, labels,
+                                        info)
+    counts = {"read": totals.get("records_read", 0), "dead_lettered": totals.get("dead_lettered", 0),
+              "skipped_unlabeled": int((~labeled).sum()), "skipped_missing_modality": 0,
+              "skipped_label_not_in_vocabulary": int((label_ids < 0).sum()),
+              **{name: len(split[name]) for name in SPLITS}}
+    return _finish(plan, job, labels, counts, label_ids[split[TEST]], predicted, training, started, metadata)
+
+
+def run(argv: list[str] | None = None) -> TrainingReport:
+    """Plan, train, evaluate and write. Raises JobConfigError on misconfiguration."""
+    options = PipelineOptions(argv)
+    job = options.view_as(TrainClassifierOptions)
+    plan = plan_job(job)
+    return train_fine_tuned(plan, job, options) if plan.mode == "fine_tune" else train_frozen(plan, job, options)
+
+
+def format_report(report: TrainingReport) -> str:
+    rows = ", ".join(f"{name} {count}" for name, count in report.rows.items())
+    lines = [format_metrics(f"{report.job} ({report.mode}, features {report.features}): test split", report.metrics),
+             f"  rows: {rows}",
+             f"  epochs: {report.training['epochs_run']} (best {report.training['best_epoch']}), "
+             f"{report.seconds:.1f}s"]
+    lines += [f"  {name}: {path}" for name, path in report.outputs.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m beam_jobs.train_classifier",
+                                     description=__doc__.split("\n\n")[0],
+                                     epilog="Any other flag (--runner, --temp_location, ...) goes to Beam.")
+    TrainClassifierOptions._add_argparse_args(parser)
+    parser.parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("hubembed", "encoders"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        report = run(argv)
+    except JobConfigError as error:
+        print(f"hubembed: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(format_report(report))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The classifier half of the downstream stage: the Keras head, its training, and the test-split metrics.
+
+The head is what users of TF Hub put under a frozen `hub.KerasLayer` feature extractor: Dense(relu) → Dropout →
+Dense(softmax), here over the precomputed (and tf.Transform-scaled) embeddings; the fine-tune mode puts the same
+head under trainable encoders. Metrics are computed here in NumPy so that the frozen and fine-tuned runs are
+scored by exactly the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from encoders.runtime import tf, tf_keras
+from schemas.training import ClassMetrics, TestMetrics
+
+CLASS_WEIGHT_MODES = ("none", "balanced")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """The head's shape and how it is trained (all from flags)."""
+
+    hidden_units: tuple[int, ...] = (128,)
+    dropout: float = 0.2
+    learning_rate: float = 1e-3
+    epochs: int = 100
+    batch_size: int = 32
+    patience: int = 10
+    class_weights: str = "none"
+    seed: int = 0
+
+
+def build_head(n_classes: int, config: HeadConfig, name: str = "head") -> tf_keras.Sequential:
+    """Dense(units, relu) → Dropout for each hidden size, then Dense(n_classes, softmax)."""
+    layers = []
+    for index, units in enumerate(config.hidden_units):
+        layers.append(tf_keras.layers.Dense(units, activation="relu", name=f"hidden_{index}"))
+        layers.append(tf_keras.layers.Dropout(config.dropout, seed=config.seed + index, name=f"dropout_{index}"))
+    layers.append(tf_keras.layers.Dense(n_classes, activation="softmax", name="probabilities"))
+    return tf_keras.Sequential(layers, name=name)
+
+
+def balanced_class_weights(label_ids: np.ndarray, n_classes: int) -> dict[int, float]:
+    """n_rows / (n_classes * rows of the class), as scikit-learn's 'balanced': rare labels weigh more."""
+    counts = np.bincount(label_ids, minlength=n_classes).astype(np.float64)
+    return {index: float(len(label_ids) / (n_classes * count)) if count else 0.0 for index, count in enumerate(counts)}
+
+
+def class_weight_for(config: HeadConfig, train_label_ids: np.ndarray, n_classes: int) -> dict[int, float] | None:
+    return balanced_class_weights(train_label_ids, n_classes) if config.class_weights == "balanced" else None
+
+
+def fit(model: tf_keras.Model, train: tuple, validation: tuple, config: HeadConfig, learning_rate: float,
+        class_weight: dict[int, float] | None = None) -> dict:
+    """Train with Adam and early stopping on validation loss (best weights restored); returns the run's summary."""
+    model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    stopper = tf_keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
+                                               restore_best_weights=True)
+    history = model.fit(train[0], train[1], validation_data=validation, epochs=config.epochs,
+                        batch_size=config.batch_size, class_weight=class_weight, callbacks=[stopper], verbose=0,
+                        shuffle=True)
+    losses = history.history["val_loss"]
+    return {
+        "epochs_run": len(losses),
+        "best_epoch": int(np.argmin(losses)) + 1,
+        "history": {name: [round(float(value), 6) for value in values] for name, values in history.history.items()},
+    }
+
+
+def set_seed(seed: int) -> None:
+    """Same data, same flags, same machine → same model: seeds for Python, NumPy and TF, deterministic ops."""
+    tf_keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def test_metrics(true_ids: np.ndarray, predicted_ids: np.ndarray, labels: list[str]) -> TestMetrics:
+    """Accuracy, macro-F1 (unweighted mean over the labels) and per-label precision/recall/F1/support."""
+    n = len(labels)
+    confusion = np.zeros((n, n), np.int64)
+    np.add.at(confusion, (true_ids, predicted_ids), 1)
+    per_class = []
+    for index, label in enumerate(labels):
+        true_positive = confusion[index, index]
+        predicted = confusion[:, index].sum()
+        support = confusion[index, :].sum()
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append(ClassMetrics(label, round(float(precision), 6), round(float(recall), 6), round(float(f1), 6),
+                                      int(support)))
+    total = confusion.sum()
+    return TestMetrics(
+        accuracy=round(float(np.trace(confusion) / total), 6) if total else 0.0,
+        macro_f1=round(float(np.mean([metrics.f1 for metrics in per_class])), 6) if per_class else 0.0,
+        per_class=per_class,
+        confusion_matrix=confusion.tolist(),
+    )
+
+
+def format_metrics(title: str, metrics: TestMetrics) -> str:
+    """The console table: accuracy, macro-F1, then one line per label."""
+    width = max([len(m.label) for m in metrics.per_class] + [len("label")])
+    lines = [title, f"  accuracy  {metrics.accuracy:.4f}", f"  macro-F1  {metrics.macro_f1:.4f}",
+             f"  {'label':<{width}}  precision  recall      f1  support"]
+    lines += [f"  {m.label:<{width}}  {m.precision:>9.4f}  {m.recall:>6.4f}  {m.f1:>6.4f}  {m.support:>7}"
+              for m in metrics.per_class]
+    return "\n".join(lines)

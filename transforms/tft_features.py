@@ -1,0 +1,149 @@
+"""tf.Transform on Beam: the full-pass analysis of the classifier's inputs, and the graph that applies it.
+
+The analysis runs over the training split only (validation and test rows must not leak into the statistics) and
+yields one transform graph (`transform_fn`), written beside the model. It holds:
+- the label vocabulary (`tft.compute_and_apply_vocabulary`, most frequent first, with --top_k_labels and
+  --label_frequency_threshold): label string → id, the model's output order;
+- the per-dimension mean and variance of the feature vector (`tft.scale_to_z_score(elementwise=True)`), so a
+  1024-d image vector and a unit-norm 384-d text vector are on one scale once concatenated.
+Training transforms its rows through that graph (`TFTransformOutput.transform_features_layer()`), and the serving
+model embeds the same layer, so training and serving cannot scale differently.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+
+# tf.Transform follows TensorFlow's Keras choice: import it only after encoders.runtime set TF_USE_LEGACY_KERAS.
+import tensorflow_transform as tft  # noqa: E402, I001
+import tensorflow_transform.beam as tft_beam  # noqa: E402
+from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils  # noqa: E402
+
+from encoders.runtime import tf
+from schemas import embeddings as cols
+from transforms.embeddings_input import FEATURE_COLUMNS, MASK_OF, VECTOR_COLUMNS, iter_tables, vectors
+from transforms.split import TRAIN, split_of
+
+FEATURES = "features"  # transformed: the z-scored vector (concatenated, image first, for `both`) [B, d]
+MODALITY_MASK = "modality_mask"  # transformed, `both` only: [has_image, has_text] as float32 [B, 2]
+LABEL_ID = "label_id"  # transformed: the label's index in the vocabulary, -1 when it is not in it
+LABEL_VOCABULARY = "label"  # the vocabulary file's name inside transform_fn/assets
+SPLIT = "split"  # not a tf.Transform feature: the split of each row read in memory
+
+
+def vector_columns(features: str) -> tuple[str, ...]:
+    return tuple(name for name in FEATURE_COLUMNS[features] if name in VECTOR_COLUMNS)
+
+
+def raw_feature_spec(features: str, dims: dict[str, int], with_label: bool = True) -> dict:
+    """The raw inputs of the transform graph: the vectors, their masks as 0/1 floats, and the label."""
+    spec = {}
+    for column in vector_columns(features):
+        spec[column] = tf.io.FixedLenFeature([dims[column]], tf.float32)
+        spec[MASK_OF[column]] = tf.io.FixedLenFeature([], tf.float32)
+    if with_label:
+        spec[cols.LABEL] = tf.io.FixedLenFeature([], tf.string)
+    return spec
+
+
+def make_preprocessing_fn(features: str, top_k: int | None, frequency_threshold: int | None) -> Callable:
+    columns = vector_columns(features)
+
+    def preprocessing_fn(inputs: dict) -> dict:
+        parts, masks = [], []
+        for column in columns:
+            parts.append(inputs[column])
+            present = tf.reshape(inputs[MASK_OF[column]], [-1, 1])
+            masks.append(tf.tile(present, [1, tf.shape(inputs[column])[1]]))
+        vector = tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+        mask = tf.concat(masks, axis=1) if len(masks) > 1 else masks[0]
+        # A missing modality is zeros in the Parquet; after scaling it is set to 0 again, which is the column's
+        # mean: the head sees "no information" there, and the mask inputs tell it why.
+        outputs = {FEATURES: tft.scale_to_z_score(vector, elementwise=True) * mask}
+        if len(columns) > 1:
+            outputs[MODALITY_MASK] = tf.stack([inputs[MASK_OF[column]] for column in columns], axis=1)
+        outputs[LABEL_ID] = tft.compute_and_apply_vocabulary(
+            inputs[cols.LABEL], top_k=top_k, frequency_threshold=frequency_threshold, default_value=-1,
+            vocab_filename=LABEL_VOCABULARY)
+        return outputs
+
+    return preprocessing_fn
+
+
+def labeled_rows(table: pa.Table, features: str, dims: dict[str, int], validation_ratio: float,
+                 test_ratio: float) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """A Table of embeddings → the rows a classifier can learn from, as arrays with their split, and skip counts.
+
+    Skipped: rows without a label, and (single-modality features) rows without that modality, whose vector is
+    only the zeros the embedding job writes for a missing modality.
+    """
+    labels = table.column(cols.LABEL).to_pylist()
+    keep = np.array([label is not None and label.strip() != "" for label in labels], bool)
+    skipped = {"unlabeled": int((~keep).sum()), "missing_modality": 0}
+    columns = vector_columns(features)
+    if len(columns) == 1:
+        present = np.asarray(table.column(MASK_OF[columns[0]]).to_numpy(zero_copy_only=False), bool)
+        skipped["missing_modality"] = int((keep & ~present).sum())
+        keep &= present
+    rows = {cols.ID: np.array(table.column(cols.ID).to_pylist(), object)[keep],
+            cols.LABEL: np.array(labels, object)[keep]}
+    for column in columns:
+        rows[column] = vectors(table.column(column), dims[column])[keep]
+        rows[MASK_OF[column]] = np.asarray(table.column(MASK_OF[column]).to_numpy(zero_copy_only=False),
+                                           np.float32)[keep]
+    rows[SPLIT] = np.array([split_of(row_id, validation_ratio, test_ratio) for row_id in rows[cols.ID]], object)
+    return rows, skipped
+
+
+def training_instances(path: str, features: str, dims: dict[str, int], validation_ratio: float,
+                       test_ratio: float) -> Iterator[dict]:
+    """One embeddings file → tf.Transform instance dicts of its labeled training-split rows."""
+    needed = (cols.ID, cols.LABEL, *FEATURE_COLUMNS[features])
+    spec_names = raw_feature_spec(features, dims)
+    for table in iter_tables(path, needed):
+        rows, _ = labeled_rows(table, features, dims, validation_ratio, test_ratio)
+        for index in np.flatnonzero(rows[SPLIT] == TRAIN):
+            yield {name: (rows[name][index].encode("utf-8") if name == cols.LABEL else rows[name][index])
+                   for name in spec_names}
+
+
+def analyze_training_split(paths: Sequence[str], features: str, dims: dict[str, int], validation_ratio: float,
+                           test_ratio: float, top_k: int | None, frequency_threshold: int | None,
+                           transform_output_dir: str, pipeline_options=None, temp_dir: str | None = None) -> None:
+    """Run the analysis as a Beam pipeline and write `transform_output_dir` (transform_fn/, transformed_metadata/)."""
+    metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(
+        raw_feature_spec(features, dims)))
+    with tempfile.TemporaryDirectory(prefix="hubembed-tft-") as local_temp:
+        with beam.Pipeline(options=pipeline_options) as pipeline, tft_beam.Context(temp_dir=temp_dir or local_temp):
+            instances = (pipeline
+                         | "EmbeddingFiles" >> beam.Create(list(paths))
+                         | "TrainingRows" >> beam.FlatMap(training_instances, features, dims, validation_ratio,
+                                                          test_ratio))
+            transform_fn = ((instances, metadata)
+                            | "Analyze" >> tft_beam.AnalyzeDataset(
+                                make_preprocessing_fn(features, top_k, frequency_threshold)))
+            _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_output_dir)
+
+
+def load_transform(transform_output_dir: str) -> tft.TFTransformOutput:
+    return tft.TFTransformOutput(transform_output_dir)
+
+
+def label_vocabulary(transform_output: tft.TFTransformOutput) -> list[str]:
+    return [label.decode("utf-8") if isinstance(label, bytes) else label
+            for label in transform_output.vocabulary_by_name(LABEL_VOCABULARY)]
+
+
+def raw_inputs(rows: dict[str, np.ndarray], features: str, index: np.ndarray | None = None) -> dict[str, tf.Tensor]:
+    """In-memory rows → the raw feature tensors the transform layer takes (no label: as at serving time)."""
+    inputs = {}
+    for column in vector_columns(features):
+        for name in (column, MASK_OF[column]):
+            values = rows[name] if index is None else rows[name][index]
+            inputs[name] = tf.constant(values, tf.float32)
+    return inputs
