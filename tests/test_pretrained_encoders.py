@@ -133,6 +133,21 @@ def test_minilm_truncates_at_256_tokens(text_layer):
     np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)
 
 
+def test_minilm_loads_in_a_fresh_process(encoder_cache):
+    # The graph holds tensorflow_text ops: ensure_baked registers them, so the path it returns loads right away
+    # in a process that never imported encoders.minilm (as in the embedding job's workers).
+    script = (
+        "import sys; from encoders import pretrained; from encoders.runtime import hub, tf; "
+        f"path = pretrained.ensure_baked(pretrained.MINILM, {encoder_cache!r}); "
+        "assert 'encoders.minilm' not in sys.modules; "
+        "print(hub.KerasLayer(path)(tf.constant(['a leaf', ''])).shape)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "(2, 384)"
+
+
 # --- images: the frozen graph and the reference top-5 ------------------------------------------------------------
 
 
