@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         try:
             path, baked = _ensure_baked(name, args.cache_dir, args.index_url)
-        except EncoderUnavailable as error:
+        except (EncoderUnavailable, OSError) as error:  # OSError: e.g. a cache folder that cannot be written
             print(f"error: {name}: {error}", file=sys.stderr)
             return 2
         print(f"{name}: {'baked into' if baked else 'already baked, nothing to do:'} {path}")
