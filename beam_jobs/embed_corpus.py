@@ -36,7 +36,9 @@ EMBEDDINGS_PREFIX = "embeddings"
 DEAD_LETTERS_PREFIX = "dead_letters"
 REPORT_NAME = "run_report.json"
 EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
-CLUSTER_RUNNERS = ("DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
+# Runners whose workers never share the launcher's disk. Flink, Spark and Portable runners can run on this machine
+# (a local job server, an embedded cluster), so a local encoder folder is left for them to judge.
+REMOTE_RUNNERS = ("DataflowRunner",)
 
 log = logging.getLogger("hubembed")
 
@@ -173,7 +175,7 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
                             None, job.encoder_cache_dir)
     if image is None and text is None:
         raise JobConfigError(f"both encoders are '{NO_ENCODER}': there is nothing to embed")
-    if runner in CLUSTER_RUNNERS:
+    if runner in REMOTE_RUNNERS:
         for spec in (image, text):
             if spec is not None and "://" not in spec.handle:
                 raise JobConfigError(f"{spec.modality} encoder {spec.handle} is a local folder that {runner} workers "
