@@ -3,7 +3,8 @@
 `hub.KerasLayer` needs Keras 2 (the `tf-keras` package) on TF 2.16+, and TensorFlow picks its Keras when it is
 first imported: `TF_USE_LEGACY_KERAS=1` must be in the environment before that. Every module of this project
 that needs TensorFlow imports it from here, so the variable is set first on the launcher and on every worker
-(a worker imports this module when it unpickles a DoFn that uses TensorFlow).
+(a worker imports this module when it unpickles a DoFn that uses TensorFlow). tensorflow_text is imported here
+too: a SavedModel whose graph holds its ops (BERT preprocessors, the baked MiniLM) loads only where it is.
 """
 
 import os
@@ -14,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 import tensorflow_hub as hub  # noqa: E402
+import tensorflow_text  # noqa: E402, F401  (registers the tokenizer ops that TF Hub text modules, ours too, carry)
 import tf_keras  # noqa: E402
 
 __all__ = ["tf", "hub", "tf_keras", "configure_devices"]

@@ -78,3 +78,23 @@ def test_portable_runner_matches_direct_runner(portable_services, fixture_encode
     assert left.column("id").to_pylist() == right.column("id").to_pylist()
     np.testing.assert_array_equal(np.stack(left.column("embedding").to_numpy(zero_copy_only=False)),
                                   np.stack(right.column("embedding").to_numpy(zero_copy_only=False)))
+
+
+def test_pretrained_default_encoders_load_in_separate_workers(portable_services, tmp_path):
+    """No handles: the job bakes (or finds) the defaults and the SDK workers, other processes, load them.
+
+    The text encoder's graph holds tensorflow_text ops, which load only in a process that imported tensorflow_text:
+    this is the run that shows encoders.runtime does that on workers too.
+    """
+    rows = corpora.good_rows(3)
+    manifest = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), rows)
+    output = str(tmp_path / "out")
+    report = run(["--input", manifest, "--output", output, "--l2_normalize", *portable_services])
+    assert (report.read, report.embedded) == (3, 3)
+    table = read_parquet_dir(output, "embeddings")
+    assert table.schema.field("embedding").type.list_size == 1024 + 384
+    metadata = table.schema.metadata
+    assert b"mobilenet-v1-100-224-feature-vector" in metadata[b"hubembed.image_encoder"]
+    assert b"minilm-l6-v2" in metadata[b"hubembed.text_encoder"]
+    text_vectors = np.stack(table.column("text_embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(np.linalg.norm(text_vectors, axis=1), 1.0, rtol=1e-5)
