@@ -22,6 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from encoders.hub_module import EncoderConfigError, EncoderSpec, probe_encoder
+from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas.report import RunReport
 from transforms.embed import EmbedConfig, EmbedRecords
@@ -39,6 +40,8 @@ EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
 # Runners whose workers never share the launcher's disk. Flink, Spark and Portable runners can run on this machine
 # (a local job server, an embedded cluster), so a local encoder folder is left for them to judge.
 REMOTE_RUNNERS = ("DataflowRunner",)
+# Runners whose workers are processes of this machine: what the launcher sees (a GPU) is what they see.
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 
 log = logging.getLogger("hubembed")
 
@@ -180,6 +183,8 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
             if spec is not None and "://" not in spec.handle:
                 raise JobConfigError(f"{spec.modality} encoder {spec.handle} is a local folder that {runner} workers "
                                      "cannot read: copy it to gs:// (or pass a tfhub.dev / Kaggle handle)")
+    if job.device == "gpu" and runner in LOCAL_RUNNERS and not tf.config.list_physical_devices("GPU"):
+        raise JobConfigError("--device=gpu but TensorFlow sees no GPU on this machine (use --device=auto or cpu)")
     passthrough = tuple(name.strip() for name in job.passthrough.split(",") if name.strip())
     reserved = {cols.ID, cols.LABEL, cols.IMAGE_EMBEDDING, cols.TEXT_EMBEDDING, cols.EMBEDDING, cols.HAS_IMAGE,
                 cols.HAS_TEXT}

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from beam_jobs.embed_corpus import main
+from encoders.runtime import tf
 from tests import corpus_builders as corpora
 
 
@@ -99,3 +100,20 @@ def test_help_lists_the_job_options(capsys):
     for flag in ("--input", "--output", "--image_encoder", "--text_encoder", "--image_output_key", "--batch_size",
                  "--l2_normalize", "--max_error_rate", "--passthrough", "--input_format", "--device"):
         assert flag in out
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="this machine has a GPU")
+def test_gpu_forced_where_there_is_none(capsys, tmp_path, manifest, fixture_encoders):
+    fails_in_one_line(capsys, ["--input", manifest, "--output", str(tmp_path / "o"), "--device", "gpu",
+                               "--image_encoder", fixture_encoders["image"], "--text_encoder", "none"],
+                      "--device=gpu", "no GPU")
+
+
+def test_console_script_dispatches_to_the_job(capsys):
+    from beam_jobs.cli import main as hubembed
+
+    with pytest.raises(SystemExit):
+        hubembed(["embed", "--help"])
+    assert "--image_encoder" in capsys.readouterr().out
+    assert hubembed(["no-such-command"]) == 2
+    assert "hubembed embed" in capsys.readouterr().err
