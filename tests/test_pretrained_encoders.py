@@ -244,6 +244,7 @@ def test_image_encoder_fine_tunes(encoder_cache):
 
 
 def test_second_bake_does_nothing(encoder_cache, capsys):
+    staging_before = {entry for entry in os.listdir(encoder_cache) if ".baking-" in entry}
     paths = {name: pretrained.ensure_baked(name, encoder_cache) for name in pretrained.ENCODER_NAMES}
     stamps = {name: os.stat(os.path.join(path, "saved_model.pb")).st_mtime_ns for name, path in paths.items()}
     assert pretrained.main(["bake", "--cache_dir", encoder_cache]) == 0
@@ -252,7 +253,7 @@ def test_second_bake_does_nothing(encoder_cache, capsys):
     for name, path in paths.items():
         assert pretrained.ensure_baked(name, encoder_cache) == path
         assert os.stat(os.path.join(path, "saved_model.pb")).st_mtime_ns == stamps[name]
-    assert not [entry for entry in os.listdir(encoder_cache) if ".baking-" in entry]
+    assert {entry for entry in os.listdir(encoder_cache) if ".baking-" in entry} == staging_before
 
 
 def test_killed_bake_leaves_no_model(encoder_cache, tmp_path):
