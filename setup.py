@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="Batch multimodal embeddings with Apache Beam and TF Hub encoders, written to Parquet",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["beam_jobs", "beam_jobs.*", "transforms", "transforms.*", "schemas", "schemas.*", "encoders", "encoders.*"]),
+    packages=find_packages(include=[f"{package}{suffix}" for package in ("beam_jobs", "transforms", "schemas", "encoders")
+                                    for suffix in ("", ".*")]),
     install_requires=[
         "apache-beam[gcp]>=2.77,<2.78",
         "tensorflow>=2.21,<2.22",
