@@ -7,13 +7,14 @@ Python 3.11 (pip install -c constraints.txt -e .[test]). Beam ships this file to
 
 from setuptools import find_packages, setup
 
+PACKAGES = ("beam_jobs", "transforms", "schemas", "encoders")
+
 setup(
     name="hubembed",
     version="0.1.0",
     description="Batch multimodal embeddings with Apache Beam and TF Hub encoders, written to Parquet",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=[f"{package}{suffix}" for package in ("beam_jobs", "transforms", "schemas", "encoders")
-                                    for suffix in ("", ".*")]),
+    packages=find_packages(include=[f"{package}{suffix}" for package in PACKAGES for suffix in ("", ".*")]),
     install_requires=[
         "apache-beam[gcp]>=2.77,<2.78",
         "tensorflow>=2.21,<2.22",
