@@ -44,6 +44,7 @@ from transforms.classify import (
     format_metrics,
     set_seed,
     test_metrics,
+    with_modality_dropout,
 )
 from transforms.embeddings_input import FEATURE_COLUMNS, EmbeddingsInput, EmbeddingsInputError, inspect_embeddings
 from transforms.embeddings_input import read_table as read_embeddings
@@ -59,6 +60,7 @@ from transforms.tft_features import (
     labeled_rows,
     load_transform,
     raw_inputs,
+    vector_columns,
 )
 
 JOB_NAME = "train_classifier"
@@ -93,10 +95,13 @@ class TrainClassifierOptions(PipelineOptions):
         add_flag(group, "--hidden_units", default="128", help="comma-separated sizes of the head's Dense(relu) "
                                                                 "layers, each followed by Dropout")
         add_flag(group, "--dropout", type=float, default=0.2, help="dropout rate after each hidden layer")
-        add_flag(group, "--learning_rate", type=float, default=1e-3, help="Adam learning rate of the head")
-        add_flag(group, "--epochs", type=int, default=100, help="most epochs; early stopping usually ends sooner")
+        add_flag(group, "--modality_dropout", type=float, default=0.4,
+                 help="--features both: while training, hide a row's image (or its text) with this probability "
+                      "each, as if missing, so the head learns each modality alone too (0: off)")
+        add_flag(group, "--learning_rate", type=float, default=3e-3, help="Adam learning rate of the head")
+        add_flag(group, "--epochs", type=int, default=200, help="most epochs; early stopping usually ends sooner")
         add_flag(group, "--batch_size", type=int, default=32, help="training batch size")
-        add_flag(group, "--patience", type=int, default=10,
+        add_flag(group, "--patience", type=int, default=20,
                            help="epochs without a better validation loss before stopping (best weights restored)")
         add_flag(group, "--class_weights", default="none", choices=CLASS_WEIGHT_MODES,
                            help="'balanced': weight each label by n_rows / (n_labels * its rows), for imbalance")
@@ -167,6 +172,8 @@ def _head_config(job: TrainClassifierOptions) -> HeadConfig:
         raise JobConfigError("--hidden_units sizes must be at least 1")
     if not 0.0 <= job.dropout < 1.0:
         raise JobConfigError("--dropout must be in [0, 1)")
+    if not 0.0 <= job.modality_dropout <= 0.5:
+        raise JobConfigError("--modality_dropout must be in [0, 0.5] (it hides one of two modalities per row)")
     if job.epochs < 1 or job.batch_size < 1 or job.patience < 0:
         raise JobConfigError("--epochs and --batch_size must be at least 1, --patience at least 0")
     learning_rate = job.fine_tune_learning_rate if job.fine_tune else job.learning_rate
@@ -174,7 +181,7 @@ def _head_config(job: TrainClassifierOptions) -> HeadConfig:
         raise JobConfigError("the learning rate must be positive")
     return HeadConfig(hidden_units=hidden_units, dropout=job.dropout, learning_rate=learning_rate, epochs=job.epochs,
                       batch_size=job.batch_size, patience=job.patience, class_weights=job.class_weights,
-                      seed=job.seed)
+                      modality_dropout=job.modality_dropout, seed=job.seed)
 
 
 def plan_job(job: TrainClassifierOptions) -> TrainPlan:
@@ -290,7 +297,8 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
     def head_input(name: str) -> np.ndarray:
         return head_inputs(transform_layer(raw_inputs(rows, job.features, split[name]))).numpy()
 
-    training = fit(head, (head_input(TRAIN), label_ids[split[TRAIN]]),
+    modality_dims = [embeddings.dims[column] for column in vector_columns(job.features)]
+    training = fit(with_modality_dropout(head, modality_dims, plan.head), (head_input(TRAIN), label_ids[split[TRAIN]]),
                    (head_input(VALIDATION), label_ids[split[VALIDATION]]), plan.head, plan.head.learning_rate,
                    class_weight_for(plan.head, label_ids[split[TRAIN]], len(labels)))
     # Evaluate through the serving path (transform layer + head), then export.

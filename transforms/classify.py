@@ -24,22 +24,83 @@ class HeadConfig:
 
     hidden_units: tuple[int, ...] = (128,)
     dropout: float = 0.2
-    learning_rate: float = 1e-3
-    epochs: int = 100
+    l2: float = 0.0  # L2 penalty on the Dense kernels
+    learning_rate: float = 3e-3
+    epochs: int = 200
     batch_size: int = 32
-    patience: int = 10
+    patience: int = 20
     class_weights: str = "none"
+    modality_dropout: float = 0.0
     seed: int = 0
 
 
 def build_head(n_classes: int, config: HeadConfig, name: str = "head") -> tf_keras.Sequential:
     """Dense(units, relu) → Dropout for each hidden size, then Dense(n_classes, softmax)."""
     layers = []
+    regularizer = tf_keras.regularizers.L2(config.l2) if config.l2 else None
     for index, units in enumerate(config.hidden_units):
-        layers.append(tf_keras.layers.Dense(units, activation="relu", name=f"hidden_{index}"))
+        layers.append(tf_keras.layers.Dense(units, activation="relu", kernel_regularizer=regularizer,
+                                            name=f"hidden_{index}"))
         layers.append(tf_keras.layers.Dropout(config.dropout, seed=config.seed + index, name=f"dropout_{index}"))
-    layers.append(tf_keras.layers.Dense(n_classes, activation="softmax", name="probabilities"))
+    layers.append(tf_keras.layers.Dense(n_classes, activation="softmax", kernel_regularizer=regularizer,
+                                        name="probabilities"))
     return tf_keras.Sequential(layers, name=name)
+
+
+class ModalityDropout(tf_keras.layers.Layer):
+    """Training only: hide one modality of a row, with probability `rate` each, as if it were missing.
+
+    A head trained on concatenated modalities tends to learn one classifier of the image per value of the text
+    (the first Dense layer mixes them) and leans on whichever modality fits the training rows fastest. Hiding a
+    modality (its columns and its has_* mask set to 0: exactly how a missing modality looks after the transform)
+    makes the head learn each modality alone as well as together, and copes with rows that lack one at serving.
+    `columns[k]` lists the input columns of modality k. At inference the layer is the identity; the exported
+    serving model does not contain it.
+    """
+
+    def __init__(self, columns: list[list[int]], width: int, rate: float, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.columns, self.width, self.rate, self.seed = columns, width, rate, seed
+        membership = np.zeros((len(columns), width), np.float32)
+        for modality, indices in enumerate(columns):
+            membership[modality, indices] = 1.0
+        self._membership = tf.constant(membership)
+        self._generator = tf.random.Generator.from_seed(seed)
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        draw = self._generator.uniform([tf.shape(inputs)[0], 1])
+        # One draw per row: [0, rate) hides modality 0, [rate, 2 rate) modality 1, ...; never all of them.
+        lower = tf.range(len(self.columns), dtype=tf.float32)[None, :] * self.rate
+        hidden = tf.cast((draw >= lower) & (draw < lower + self.rate), tf.float32)  # [B, modalities]
+        return inputs * (1.0 - tf.matmul(hidden, self._membership))
+
+    def get_config(self):
+        return {**super().get_config(), "columns": self.columns, "width": self.width, "rate": self.rate,
+                "seed": self.seed}
+
+
+def modality_columns(dims: list[int]) -> list[list[int]]:
+    """The head-input columns of each modality when the input is [vector_0, vector_1, ..., mask_0, mask_1, ...]."""
+    columns, offset = [], 0
+    for dim in dims:
+        columns.append(list(range(offset, offset + dim)))
+        offset += dim
+    for modality in range(len(dims)):
+        columns[modality].append(offset + modality)
+    return columns
+
+
+def with_modality_dropout(head: tf_keras.Model, dims: list[int], config: HeadConfig) -> tf_keras.Model:
+    """The model to train: `head` behind a ModalityDropout over its input (the head itself is what is served)."""
+    if len(dims) < 2 or not config.modality_dropout:
+        return head
+    width = sum(dims) + len(dims)
+    dropout = ModalityDropout(modality_columns(dims), width, config.modality_dropout, config.seed,
+                              name="modality_dropout")
+    inputs = tf_keras.Input(shape=(width,), name="head_input")
+    return tf_keras.Model(inputs, head(dropout(inputs)), name="training_model")
 
 
 def balanced_class_weights(label_ids: np.ndarray, n_classes: int) -> dict[int, float]:
