@@ -43,7 +43,7 @@ from transforms.classify import (
     fit,
     format_metrics,
     set_seed,
-    test_metrics,
+    split_metrics,
     with_modality_dropout,
 )
 from transforms.embeddings_input import FEATURE_COLUMNS, EmbeddingsInput, EmbeddingsInputError, inspect_embeddings
@@ -252,7 +252,7 @@ def _finish(plan: TrainPlan, job: TrainClassifierOptions, labels: list[str], row
             true_ids: np.ndarray, predicted_ids: np.ndarray, training: dict, started: float,
             metadata: dict[str, str]) -> TrainingReport:
     """Metrics, pictures and report: the same for both modes, so their reports compare side by side."""
-    metrics = test_metrics(true_ids, predicted_ids, labels)
+    metrics = split_metrics(true_ids, predicted_ids, labels)
     title = f"{plan.mode} {job.features}"
     plot_confusion_matrix(metrics.confusion_matrix, labels, f"{title}: test split (accuracy {metrics.accuracy:.3f})",
                           plan.outputs["confusion_matrix"])
@@ -354,9 +354,16 @@ def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: Pipe
     set_seed(plan.head.seed)
     model = fine_tune.build_fine_tune_model(plan.image, plan.text, len(labels), plan.head, part(TRAIN))
     before = fine_tune.encoder_weights(model)
-    training = fit(model, (part(TRAIN), label_ids[split[TRAIN]]), (part(VALIDATION), label_ids[split[VALIDATION]]),
-                   plan.head, plan.head.learning_rate, class_weight_for(plan.head, label_ids[split[TRAIN]],
-                                                                         len(labels)))
+    try:
+        training = fit(model, (part(TRAIN), label_ids[split[TRAIN]]),
+                       (part(VALIDATION), label_ids[split[VALIDATION]]), plan.head, plan.head.learning_rate,
+                       class_weight_for(plan.head, label_ids[split[TRAIN]], len(labels)))
+    except Exception as error:  # LookupError, wrapped by autograph in a StagingError
+        # An op inside an encoder without a gradient: that encoder cannot be fine-tuned, whatever the data.
+        cause = next((line.strip() for line in str(error).splitlines() if "No gradient defined" in line), None)
+        if cause is None:
+            raise
+        raise JobConfigError(f"cannot fine-tune the encoders: {cause.split('. In general')[0]}") from error
     training["encoder_weight_change"] = fine_tune.weight_change(before, fine_tune.encoder_weights(model))
     metadata = {}
     if plan.image:

@@ -29,7 +29,7 @@ class ClassMetrics:
 
 
 @dataclasses.dataclass
-class TestMetrics:
+class SplitMetrics:
     accuracy: float
     macro_f1: float
     per_class: list[ClassMetrics]
@@ -43,7 +43,7 @@ class TrainingReport:
     features: str
     labels: list[str]
     rows: dict[str, int]
-    metrics: TestMetrics
+    metrics: SplitMetrics
     training: dict
     hyperparameters: dict
     seconds: float

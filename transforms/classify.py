@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from encoders.runtime import tf, tf_keras
-from schemas.training import ClassMetrics, TestMetrics
+from schemas.training import ClassMetrics, SplitMetrics
 
 CLASS_WEIGHT_MODES = ("none", "balanced")
 
@@ -137,7 +137,7 @@ def set_seed(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def test_metrics(true_ids: np.ndarray, predicted_ids: np.ndarray, labels: list[str]) -> TestMetrics:
+def split_metrics(true_ids: np.ndarray, predicted_ids: np.ndarray, labels: list[str]) -> SplitMetrics:
     """Accuracy, macro-F1 (unweighted mean over the labels) and per-label precision/recall/F1/support."""
     n = len(labels)
     confusion = np.zeros((n, n), np.int64)
@@ -153,7 +153,7 @@ def test_metrics(true_ids: np.ndarray, predicted_ids: np.ndarray, labels: list[s
         per_class.append(ClassMetrics(label, round(float(precision), 6), round(float(recall), 6), round(float(f1), 6),
                                       int(support)))
     total = confusion.sum()
-    return TestMetrics(
+    return SplitMetrics(
         accuracy=round(float(np.trace(confusion) / total), 6) if total else 0.0,
         macro_f1=round(float(np.mean([metrics.f1 for metrics in per_class])), 6) if per_class else 0.0,
         per_class=per_class,
@@ -161,7 +161,7 @@ def test_metrics(true_ids: np.ndarray, predicted_ids: np.ndarray, labels: list[s
     )
 
 
-def format_metrics(title: str, metrics: TestMetrics) -> str:
+def format_metrics(title: str, metrics: SplitMetrics) -> str:
     """The console table: accuracy, macro-F1, then one line per label."""
     width = max([len(m.label) for m in metrics.per_class] + [len("label")])
     lines = [title, f"  accuracy  {metrics.accuracy:.4f}", f"  macro-F1  {metrics.macro_f1:.4f}",

@@ -138,8 +138,8 @@ def build_fine_tune_model(image: EncoderSpec | None, text: EncoderSpec | None, n
 
 def encoder_weights(model: tf_keras.Model) -> dict[str, np.ndarray]:
     """The hub.KerasLayer weights by name: to measure how far fine-tuning moved the encoders."""
-    return {weight.name: weight.numpy().copy() for layer in model.layers if isinstance(layer, hub.KerasLayer)
-            for weight in layer.weights}
+    return {f"{layer.name}/{weight.name}": weight.numpy().copy() for layer in model.layers
+            if isinstance(layer, hub.KerasLayer) for weight in layer.weights}
 
 
 def weight_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, float]:

@@ -1,0 +1,410 @@
+"""The downstream stage end to end: embed (fixture Hub models) → train_classifier → predict, on DirectRunner.
+
+One sample corpus is embedded once per session and the three frozen-feature classifiers are trained once; the
+other tests reuse them and build small variants of the Parquet (other encoder metadata, no label column,
+unlabeled rows, poisoned vectors) with pyarrow, keeping the embedding job's schema metadata.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from beam_jobs import embed_corpus, predict, train_classifier
+from encoders.runtime import tf
+from schemas import embeddings as cols
+from schemas import predictions as pred
+from scripts.make_sample_corpus import make_sample_corpus
+from tests.fixture_models import build_image_encoder, build_text_encoder
+from transforms.classify import balanced_class_weights, split_metrics
+from transforms.split import TEST, TRAIN, VALIDATION, split_fraction, split_of
+
+# Below ~1000 rows the gap between `image` and `both` is within the noise of the test split with the tiny fixture
+# encoders (the image one alone reaches ~0.90); 1800 rows give a 450-row test split.
+CORPUS_ROWS = 1800
+VALIDATION_RATIO, TEST_RATIO = 0.15, 0.25
+SPLIT_FLAGS = ["--validation_ratio", str(VALIDATION_RATIO), "--test_ratio", str(TEST_RATIO)]
+# Measured with the default head (docs/downstream.md), seed 0: image 0.935, text 0.699, both 0.961; seeds 1 and 2:
+# both - image = +0.009, +0.017. The runs are deterministic (seeded, deterministic ops): the bars hold headroom.
+BOTH_ACCURACY_BAR = 0.93
+BOTH_MARGIN = 0.01
+FAST = ["--epochs", "3", "--patience", "1"]  # for tests about plumbing, not accuracy
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def fixture_encoders(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("encoders")
+    return {"image": build_image_encoder(str(root / "image")), "text": build_text_encoder(str(root / "text"))}
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory) -> str:
+    return make_sample_corpus(str(tmp_path_factory.mktemp("corpus")), size=CORPUS_ROWS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def embeddings(tmp_path_factory, fixture_encoders, sample_corpus) -> str:
+    """The embedding job's output folder for the sample corpus."""
+    output = str(tmp_path_factory.mktemp("embeddings"))
+    report = embed_corpus.run(["--input", sample_corpus, "--output", output, "--image_encoder",
+                               fixture_encoders["image"], "--text_encoder", fixture_encoders["text"], "--overwrite"])
+    assert report.passed and report.embedded == CORPUS_ROWS
+    return output
+
+
+def embeddings_glob(folder: str) -> str:
+    return os.path.join(folder, "embeddings-*.parquet")
+
+
+@pytest.fixture(scope="session")
+def frozen_runs(tmp_path_factory, embeddings) -> dict[str, dict]:
+    """features → (report dict, output folder, seconds) of a default-flag training run."""
+    runs = {}
+    for features in ("image", "text", "both"):
+        output = str(tmp_path_factory.mktemp(f"classifier_{features}"))
+        started = time.perf_counter()
+        code = train_classifier.main(["--input", embeddings_glob(embeddings), "--output", output,
+                                      "--features", features, "--overwrite", *SPLIT_FLAGS])
+        assert code == 0
+        with open(os.path.join(output, train_classifier.REPORT_NAME)) as handle:
+            runs[features] = {"report": json.load(handle), "output": output,
+                              "seconds": time.perf_counter() - started}
+    return runs
+
+
+def read_embeddings_table(folder: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(path) for path in sorted(glob.glob(embeddings_glob(folder)))])
+
+
+def write_variant(table: pa.Table, folder, name: str = "embeddings-00000-of-00001.parquet") -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(str(folder), name)
+    pq.write_table(table, path)
+    return path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("hubembed: error: ")
+    return err
+
+
+# --- accuracy: the point of the stage -------------------------------------------------------------------------
+
+
+def test_both_modalities_beat_each_one(frozen_runs):
+    accuracy = {features: run["report"]["metrics"]["accuracy"] for features, run in frozen_runs.items()}
+    print("test-split accuracy:", accuracy, {f: round(r["seconds"], 1) for f, r in frozen_runs.items()})
+    assert accuracy["both"] >= BOTH_ACCURACY_BAR
+    assert accuracy["both"] >= max(accuracy["image"], accuracy["text"]) + BOTH_MARGIN
+    assert accuracy["image"] > accuracy["text"] > 0.5  # both single modalities learn something, image more
+
+
+def test_report_pictures_and_per_class_table(frozen_runs):
+    run = frozen_runs["both"]
+    report, output = run["report"], run["output"]
+    assert report["mode"] == "frozen" and report["features"] == "both"
+    assert sorted(report["labels"]) == ["healthy", "mildew", "rust"]
+    per_class = report["metrics"]["per_class"]
+    assert [row["label"] for row in per_class] == report["labels"]
+    assert sum(row["support"] for row in per_class) == report["rows"][TEST]
+    assert report["metrics"]["macro_f1"] == pytest.approx(np.mean([row["f1"] for row in per_class]), abs=1e-5)
+    confusion = np.array(report["metrics"]["confusion_matrix"])
+    assert confusion.sum() == report["rows"][TEST]
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(report["metrics"]["accuracy"], abs=1e-5)
+    assert report["training"]["epochs_run"] >= report["training"]["best_epoch"] >= 1
+    assert len(report["training"]["history"]["val_loss"]) == report["training"]["epochs_run"]
+    for picture in (train_classifier.CONFUSION_MATRIX_PNG, train_classifier.TRAINING_CURVES_PNG):
+        with open(os.path.join(output, picture), "rb") as handle:
+            assert handle.read(8) == PNG_MAGIC
+    # The transform graph is beside the model, and the model holds the metadata predict checks.
+    assert os.path.isdir(os.path.join(output, "transform", "transform_fn"))
+    with open(os.path.join(output, "model", "assets.extra", "model_info.json")) as handle:
+        info = json.load(handle)
+    assert info["labels"] == report["labels"] and info["inputs"] == {
+        cols.IMAGE_EMBEDDING: 8, cols.HAS_IMAGE: 0, cols.TEXT_EMBEDDING: 6, cols.HAS_TEXT: 0}
+
+
+def test_metrics_and_class_weights_by_hand():
+    metrics = split_metrics(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), ["a", "b", "c"])
+    assert metrics.accuracy == pytest.approx(0.6)
+    assert [m.precision for m in metrics.per_class] == pytest.approx([0.5, 2 / 3, 0.0])
+    assert [m.recall for m in metrics.per_class] == pytest.approx([0.5, 1.0, 0.0])
+    assert metrics.macro_f1 == pytest.approx((0.5 + 0.8 + 0.0) / 3, abs=1e-6)
+    assert balanced_class_weights(np.array([0, 0, 0, 1]), 2) == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
+
+
+# --- serving ---------------------------------------------------------------------------------------------------
+
+
+def test_serving_model_signature(frozen_runs, embeddings):
+    model = tf.saved_model.load(os.path.join(frozen_runs["both"]["output"], "model"))
+    assert {"serving_default", "labels"} <= set(model.signatures)
+    labels = [label.decode() for label in model.signatures["labels"]()["labels"].numpy()]
+    assert labels == frozen_runs["both"]["report"]["labels"]
+    table = read_embeddings_table(embeddings).slice(0, 5)
+    outputs = model.signatures["serving_default"](
+        image_embedding=tf.constant(np.stack(table.column(cols.IMAGE_EMBEDDING).to_numpy(zero_copy_only=False))),
+        has_image=tf.constant(table.column(cols.HAS_IMAGE).to_numpy(zero_copy_only=False)),
+        text_embedding=tf.constant(np.stack(table.column(cols.TEXT_EMBEDDING).to_numpy(zero_copy_only=False))),
+        has_text=tf.constant(table.column(cols.HAS_TEXT).to_numpy(zero_copy_only=False)))
+    probabilities = outputs["probabilities"].numpy()
+    assert probabilities.shape == (5, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(outputs["probability"].numpy(), probabilities.max(axis=1))
+    assert [label.decode() for label in outputs["predicted_label"].numpy()] == [
+        labels[index] for index in probabilities.argmax(axis=1)]
+
+
+def test_predict_job_matches_in_process_evaluation(frozen_runs, embeddings, tmp_path):
+    trained = frozen_runs["both"]["output"]
+    output = str(tmp_path / "predictions")
+    code = predict.main(["--input", embeddings_glob(embeddings), "--model", os.path.join(trained, "model"),
+                         "--output", output])
+    assert code == 0
+    with open(os.path.join(output, predict.REPORT_NAME)) as handle:
+        report = json.load(handle)
+    assert report["read"] == CORPUS_ROWS == report["predicted"] + report["dead_lettered"]
+    assert report["dead_lettered"] == 0 and report["reconciled"] and report["passed"]
+    scored = pa.concat_tables([pq.read_table(path) for path in glob.glob(os.path.join(output, "predictions-*"))])
+    assert scored.schema.remove_metadata() == pred.predictions_schema()
+    by_id = {row[pred.ID]: row for row in scored.to_pylist()}
+    assert len(by_id) == CORPUS_ROWS
+    in_process = pq.read_table(os.path.join(trained, train_classifier.TEST_PREDICTIONS)).to_pylist()
+    assert len(in_process) == frozen_runs["both"]["report"]["rows"][TEST] > 0
+    for row in in_process:
+        served = by_id[row[pred.ID]]
+        assert served[pred.PREDICTED_LABEL] == row[pred.PREDICTED_LABEL]
+        assert served[pred.PROBABILITY] == pytest.approx(row[pred.PROBABILITY], abs=1e-5)
+        assert served[pred.TOP_K_LABELS] == row[pred.TOP_K_LABELS]
+        assert served[pred.TOP_K_LABELS][0] == served[pred.PREDICTED_LABEL]
+        assert served[pred.TOP_K_PROBABILITIES] == sorted(served[pred.TOP_K_PROBABILITIES], reverse=True)
+    # Scored by the predict job, the test split has the accuracy the training report states.
+    table = read_embeddings_table(embeddings)
+    label_of = dict(zip(table.column(cols.ID).to_pylist(), table.column(cols.LABEL).to_pylist(), strict=True))
+    correct = np.mean([by_id[row[pred.ID]][pred.PREDICTED_LABEL] == label_of[row[pred.ID]] for row in in_process])
+    assert correct == pytest.approx(frozen_runs["both"]["report"]["metrics"]["accuracy"], abs=1e-6)
+
+
+def test_predict_dead_letters_bad_rows_and_reconciles(frozen_runs, embeddings, tmp_path, capsys):
+    """NaN, a wrong-width vector and a missing id are dead-lettered; the other rows are predicted."""
+    table = read_embeddings_table(embeddings).slice(0, 40)
+    metadata = table.schema.metadata
+    image = [list(vector) for vector in table.column(cols.IMAGE_EMBEDDING).to_pylist()]
+    text = [list(vector) for vector in table.column(cols.TEXT_EMBEDDING).to_pylist()]
+    ids = table.column(cols.ID).to_pylist()
+    image[3][2] = float("nan")
+    text[7] = text[7] + [0.5]  # 7 values where the model takes 6
+    ids[11] = None
+    poisoned = pa.table({
+        cols.ID: pa.array(ids, pa.string()), cols.LABEL: table.column(cols.LABEL),
+        cols.IMAGE_EMBEDDING: pa.array(image, pa.list_(pa.float32())), cols.HAS_IMAGE: table.column(cols.HAS_IMAGE),
+        cols.TEXT_EMBEDDING: pa.array(text, pa.list_(pa.float32())), cols.HAS_TEXT: table.column(cols.HAS_TEXT),
+    }).replace_schema_metadata(metadata)
+    source = write_variant(poisoned, tmp_path / "poisoned")
+    model = os.path.join(frozen_runs["both"]["output"], "model")
+    output = str(tmp_path / "scored")
+    code = predict.main(["--input", source, "--model", model, "--output", output, "--max_error_rate", "0.2"])
+    assert code == 0
+    report = json.loads(open(os.path.join(output, predict.REPORT_NAME)).read())
+    assert (report["read"], report["predicted"], report["dead_lettered"]) == (40, 37, 3)
+    assert report["dead_lettered_by_reason"] == {"missing_id": 1, "not_finite": 1, "wrong_width": 1}
+    dead = pq.read_table(glob.glob(os.path.join(output, "dead_letters-*.parquet"))[0]).to_pylist()
+    assert {(row["id"], row["reason"], row["stage"]) for row in dead} == {
+        (ids[3], "not_finite", "predict"), (ids[7], "wrong_width", "predict"), (None, "missing_id", "predict")}
+    assert all(row["source"].startswith(source + "#row") for row in dead)
+    scored = pq.read_table(glob.glob(os.path.join(output, "predictions-*.parquet"))[0])
+    assert sorted(scored.column(pred.ID).to_pylist()) == sorted(i for n, i in enumerate(ids) if n not in (3, 7, 11))
+    # Above --max_error_rate: the same run fails with exit 1 and says where the dead letters are.
+    capsys.readouterr()
+    code = predict.main(["--input", source, "--model", model, "--output", output, "--overwrite"])
+    assert code == predict.EXIT_TOO_MANY_ERRORS
+    assert "3 of 40 rows were dead-lettered" in capsys.readouterr().err
+
+
+def test_predict_refuses_input_of_other_encoders(frozen_runs, embeddings, tmp_path, capsys):
+    table = read_embeddings_table(embeddings).slice(0, 10)
+    metadata = dict(table.schema.metadata)
+    spec = json.loads(metadata[cols.META_TEXT_ENCODER.encode()])
+    metadata[cols.META_TEXT_ENCODER.encode()] = json.dumps({**spec, "handle": "/elsewhere/other_text"}).encode()
+    source = write_variant(table.replace_schema_metadata(metadata), tmp_path / "other")
+    code = predict.main(["--input", source, "--model", os.path.join(frozen_runs["both"]["output"], "model"),
+                         "--output", str(tmp_path / "out")])
+    assert code == predict.EXIT_CONFIG
+    err = one_line_error(capsys)
+    assert "other encoders" in err and cols.META_TEXT_ENCODER in err
+    assert not os.path.exists(str(tmp_path / "out" / predict.REPORT_NAME))
+
+
+# --- input checks ----------------------------------------------------------------------------------------------
+
+
+def test_train_refuses_files_of_mixed_encoders(embeddings, tmp_path, capsys):
+    table = read_embeddings_table(embeddings)
+    metadata = dict(table.schema.metadata)
+    spec = json.loads(metadata[cols.META_IMAGE_ENCODER.encode()])
+    metadata[cols.META_IMAGE_ENCODER.encode()] = json.dumps({**spec, "handle": "gs://other/image"}).encode()
+    folder = tmp_path / "mixed"
+    write_variant(table.slice(0, 300), folder, "embeddings-00000-of-00002.parquet")
+    write_variant(table.slice(300).replace_schema_metadata(metadata), folder, "embeddings-00001-of-00002.parquet")
+    code = train_classifier.main(["--input", embeddings_glob(str(folder)), "--output", str(tmp_path / "out")])
+    assert code == train_classifier.EXIT_CONFIG
+    err = one_line_error(capsys)
+    assert "embeddings-00001-of-00002.parquet was embedded with other encoders" in err
+    assert cols.META_IMAGE_ENCODER in err
+
+
+def test_train_refuses_files_without_label_column(embeddings, tmp_path, capsys):
+    table = read_embeddings_table(embeddings).drop_columns([cols.LABEL])
+    source = write_variant(table, tmp_path / "nolabel")
+    code = train_classifier.main(["--input", source, "--output", str(tmp_path / "out")])
+    assert code == train_classifier.EXIT_CONFIG
+    assert "has no label column" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--features", "image", "--test_ratio", "0.5", "--validation_ratio", "0.5"], "must leave rows for training"),
+    (["--hidden_units", "128,x"], "--hidden_units must be comma-separated integers"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--input", "/nonexistent/embeddings-*.parquet"], "no embeddings Parquet files match"),
+])
+def test_train_misconfiguration_fails_in_one_line(embeddings, tmp_path, capsys, argv, message):
+    base = ["--input", embeddings_glob(embeddings), "--output", str(tmp_path / "out")]
+    assert train_classifier.main(base + argv) == train_classifier.EXIT_CONFIG
+    assert message in one_line_error(capsys)
+
+
+def test_train_refuses_to_overwrite_without_flag(frozen_runs, embeddings, capsys):
+    code = train_classifier.main(["--input", embeddings_glob(embeddings), "--output", frozen_runs["text"]["output"],
+                                  "--features", "text"])
+    assert code == train_classifier.EXIT_CONFIG
+    assert "pass --overwrite" in one_line_error(capsys)
+
+
+def test_help_lists_the_options(capsys):
+    for job, flags in ((train_classifier, ("--features", "--class_weights", "--fine_tune", "--top_k_labels",
+                                           "--label_frequency_threshold", "--hidden_units", "--test_ratio")),
+                       (predict, ("--model", "--top_k", "--max_error_rate", "--batch_size"))):
+        with pytest.raises(SystemExit) as exit_info:
+            job.main(["--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert all(flag in out for flag in flags), out
+
+
+# --- split and skipped rows ------------------------------------------------------------------------------------
+
+
+def test_split_is_a_stable_function_of_the_id(frozen_runs, embeddings):
+    # Pinned values: SHA-256 of the id, so they hold on every machine and run.
+    assert split_fraction("leaf-00000") == pytest.approx(0.148009488, abs=1e-9)
+    assert [split_of(f"leaf-{n:05d}", 0.15, 0.2) for n in range(5)] == [TEST, TRAIN, TRAIN, TRAIN, TEST]
+    assert split_of("b", 0.15, 0.2) == VALIDATION
+    ids = read_embeddings_table(embeddings).column(cols.ID).to_pylist()
+    splits = [split_of(i, VALIDATION_RATIO, TEST_RATIO) for i in ids]
+    assert splits == [split_of(i, VALIDATION_RATIO, TEST_RATIO) for i in reversed(ids)][::-1]  # order-free
+    shares = {name: splits.count(name) / len(ids) for name in (TRAIN, VALIDATION, TEST)}
+    assert shares[TEST] == pytest.approx(TEST_RATIO, abs=0.03)
+    assert shares[VALIDATION] == pytest.approx(VALIDATION_RATIO, abs=0.03)
+    # Every run put exactly the rows whose id hashes to `test` in its test split.
+    expected = sorted(i for i, split in zip(ids, splits, strict=True) if split == TEST)
+    for run in frozen_runs.values():
+        tested = pq.read_table(os.path.join(run["output"], train_classifier.TEST_PREDICTIONS)).column(pred.ID)
+        assert sorted(tested.to_pylist()) == expected
+        assert run["report"]["rows"][TEST] == len(expected)
+
+
+def test_unlabeled_rows_are_skipped_and_counted(embeddings, tmp_path):
+    table = read_embeddings_table(embeddings)
+    labels = table.column(cols.LABEL).to_pylist()
+    for index in range(0, 60, 3):  # 20 rows without a label, some blank rather than null
+        labels[index] = "" if index % 4 == 0 else None
+    blank = sum(1 for label in labels if not label)
+    table = table.set_column(table.schema.get_field_index(cols.LABEL), cols.LABEL, pa.array(labels, pa.string()))
+    source = write_variant(table, tmp_path / "unlabeled")
+    report = train_classifier.run(["--input", source, "--output", str(tmp_path / "out"), "--features", "both",
+                                   *FAST])
+    assert report.rows["skipped_unlabeled"] == blank == 20
+    assert report.rows[TRAIN] + report.rows[VALIDATION] + report.rows[TEST] == CORPUS_ROWS - blank
+    assert report.rows["read"] == CORPUS_ROWS
+
+
+def test_top_k_labels_and_balanced_class_weights(embeddings, tmp_path):
+    report = train_classifier.run(["--input", embeddings_glob(embeddings), "--output", str(tmp_path / "out"),
+                                   "--features", "image", "--top_k_labels", "2", "--class_weights", "balanced",
+                                   *FAST])
+    assert len(report.labels) == 2
+    assert report.rows["skipped_label_not_in_vocabulary"] == CORPUS_ROWS // 3
+    assert report.hyperparameters["class_weights"] == "balanced"
+
+
+# --- fine-tune mode --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def differentiable_area_resize():
+    """The fixture image encoder pools quadrants with tf.image.resize(method="area"), whose ResizeArea op has no
+    registered gradient, so TensorFlow cannot differentiate the module (even w.r.t. its own kernel: a restored
+    function's gradient is built for all its inputs). The op only touches the input pixels, so declaring it
+    non-differentiable is exact here. The registration is process-wide and permanent, hence the KeyError guard.
+    """
+    try:
+        tf.no_gradient("ResizeArea")
+    except KeyError:  # registered by an earlier test of this process
+        pass
+
+
+def test_fine_tune_names_an_encoder_that_cannot_be_trained(fixture_encoders, sample_corpus, tmp_path, capsys):
+    if "ResizeArea" in _registered_gradients():
+        pytest.skip("ResizeArea was declared non-differentiable earlier in this process")
+    code = train_classifier.main(["--fine_tune", "--input", sample_corpus, "--output", str(tmp_path / "out"),
+                                  "--features", "image", "--image_encoder", fixture_encoders["image"], *FAST])
+    assert code == train_classifier.EXIT_CONFIG
+    assert "cannot fine-tune the encoders: LookupError: No gradient defined for operation" in one_line_error(capsys)
+
+
+def _registered_gradients() -> set[str]:
+    from tensorflow.python.framework import ops
+
+    return set(ops._gradient_registry.list())
+
+
+def test_fine_tune_trains_the_encoders_and_reports_in_the_same_form(fixture_encoders, sample_corpus, frozen_runs,
+                                                                    differentiable_area_resize, tmp_path):
+    output = str(tmp_path / "fine_tuned")
+    code = train_classifier.main(["--fine_tune", "--input", sample_corpus, "--output", output, "--features", "both",
+                                  "--image_encoder", fixture_encoders["image"], "--text_encoder",
+                                  fixture_encoders["text"], "--epochs", "2", "--patience", "2", *SPLIT_FLAGS])
+    assert code == 0
+    with open(os.path.join(output, train_classifier.REPORT_NAME)) as handle:
+        report = json.load(handle)
+    frozen = frozen_runs["both"]["report"]
+    assert report["mode"] == "fine_tune"
+    assert set(report) == set(frozen) and set(report["metrics"]) == set(frozen["metrics"])
+    assert set(frozen["rows"]) <= set(report["rows"])
+    assert report["rows"]["read"] == CORPUS_ROWS and report["rows"]["dead_lettered"] == 0
+    assert report["rows"][TEST] == frozen["rows"][TEST]  # the same split by id
+    changes = report["training"]["encoder_weight_change"]
+    assert {name.split("/")[0] for name in changes} >= {"image_encoder", "text_encoder"}, changes
+    assert all(change > 0 for change in changes.values()), changes
+    for picture in (train_classifier.CONFUSION_MATRIX_PNG, train_classifier.TRAINING_CURVES_PNG):
+        assert os.path.getsize(os.path.join(output, picture)) > 0
+    # The exported model takes raw image bytes and text, and answers as the in-process evaluation did.
+    model = tf.saved_model.load(os.path.join(output, "model"))
+    manifest = [json.loads(line) for line in open(sample_corpus)]
+    tested = pq.read_table(os.path.join(output, train_classifier.TEST_PREDICTIONS)).to_pylist()[:8]
+    rows = {row["id"]: row for row in manifest}
+    images = [open(os.path.join(os.path.dirname(sample_corpus), rows[t["id"]]["image"]), "rb").read() for t in tested]
+    outputs = model.signatures["serving_default"](image_bytes=tf.constant(images),
+                                                  text=tf.constant([rows[t["id"]]["text"] for t in tested]))
+    assert [label.decode() for label in outputs["predicted_label"].numpy()] == [t["predicted_label"] for t in tested]
+    np.testing.assert_allclose(outputs["probability"].numpy(), [t["probability"] for t in tested], atol=1e-4)
