@@ -127,14 +127,13 @@ class MiniLMSentenceEncoder(tf.Module):
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.bool)])
         def call(texts: tf.Tensor, training: tf.Tensor = False) -> tf.Tensor:
-            token_ids, mask = self.tokenize(texts)
-            hidden = self.encode(token_ids, mask, training)
-            return self.pool(hidden, mask)
+            token_ids = self.tokenize(texts)
+            return self.pool(self.encode(token_ids, training), token_ids)
 
         self.__call__ = call
 
-    def tokenize(self, texts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """[B] strings → ([B, T] int64 token ids, [B, T] float32 attention mask), T = longest in the batch ≤ 256."""
+    def tokenize(self, texts: tf.Tensor) -> tf.RaggedTensor:
+        """[B] strings → [B, (T)] int64 token ids: [CLS] word pieces [SEP], at most 256 in all."""
         # regex_split stops at a NUL byte; \x01 is a control character too, so clean_text still deletes it below.
         texts = tf.strings.regex_replace(texts, r"\x00", "\x01")
         # Cut special-token literals out first (kept as pieces of their own), as HF's added-token matching does.
@@ -150,37 +149,53 @@ class MiniLMSentenceEncoder(tf.Module):
         token_ids = pieces.with_flat_values(piece_ids).merge_dims(1, 2)  # [B, (tokens)]
         token_ids = token_ids[:, : MAX_SEQ_LENGTH - 2]
         token_ids, _ = tf_text.combine_segments([token_ids], self.cls_id, self.sep_id)
-        mask = tf.ones_like(token_ids, tf.float32).to_tensor(0.0)
-        return token_ids.to_tensor(self.pad_id), mask
+        return token_ids
 
-    def encode(self, token_ids: tf.Tensor, mask: tf.Tensor, training: tf.Tensor) -> tf.Tensor:
-        """BERT: [B, T] ids → [B, T, hidden] last hidden states."""
-        length = tf.shape(token_ids)[1]
+    def encode(self, token_ids: tf.RaggedTensor, training: tf.Tensor) -> tf.Tensor:
+        """BERT: [B, (T)] ids → [N, hidden], the last hidden state of each of the N tokens of the batch.
+
+        Everything but attention works per token, so it runs on the batch's real tokens packed together, not on a
+        [B, T_max] padded block: in a batch of mixed lengths most of a padded block is padding. Only attention
+        scatters the tokens into [B, T_max] (padded keys masked out) and gathers them back.
+        """
+        row_ids = token_ids.value_rowids()  # [N]: which sentence each token belongs to
+        positions = tf.range(tf.size(row_ids, out_type=tf.int64), dtype=tf.int64) - tf.gather(
+            token_ids.row_starts(), row_ids
+        )
+        padded_shape = token_ids.bounding_shape()  # [B, T_max]
+        padded_index = tf.stack([row_ids, positions], axis=1)  # [N, 2]: each token's place in [B, T_max]
         hidden = (
-            tf.gather(self.word_embeddings, token_ids)
-            + tf.gather(self.position_embeddings, tf.range(length))[None]
+            tf.gather(self.word_embeddings, token_ids.flat_values)
+            + tf.gather(self.position_embeddings, positions)
             + self.token_type_embeddings[0]  # a single segment: token type 0 everywhere
         )
         hidden = self._dropout(self._layer_norm(hidden, self.embedding_norm), self.dropout_rate, training)
+        mask = tf.sequence_mask(token_ids.row_lengths(), padded_shape[1], dtype=tf.float32)  # [B, T_max]
         # Additive mask: padded keys get a large negative score so softmax gives them ~0 weight.
-        attention_bias = (1.0 - mask)[:, None, None, :] * -1e9  # [B, 1, 1, T]
+        attention_bias = (1.0 - mask)[:, None, None, :] * -1e9  # [B, 1, 1, T_max]
         for layer in self.layers:
-            hidden = self._transformer_layer(hidden, attention_bias, layer, training)
+            hidden = self._transformer_layer(hidden, padded_index, padded_shape, attention_bias, layer, training)
         return hidden
 
-    def pool(self, hidden: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-        """Attention-masked mean over tokens (sentence-transformers Pooling, mean mode), then L2 normalisation."""
-        summed = tf.reduce_sum(hidden * mask[:, :, None], axis=1)
-        counts = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1e-9)
-        return tf.math.l2_normalize(summed / counts, axis=1, epsilon=1e-24)  # 1e-24 on the squared norm = torch's 1e-12
+    def pool(self, hidden: tf.Tensor, token_ids: tf.RaggedTensor) -> tf.Tensor:
+        """Mean over each sentence's tokens (sentence-transformers Pooling, mean mode), then L2 normalisation."""
+        means = tf.math.unsorted_segment_mean(hidden, token_ids.value_rowids(), num_segments=token_ids.nrows())
+        return tf.math.l2_normalize(means, axis=1, epsilon=1e-24)  # 1e-24 on the squared norm = torch's 1e-12
 
     def _transformer_layer(
-        self, hidden: tf.Tensor, attention_bias: tf.Tensor, layer: dict, training: tf.Tensor
+        self,
+        hidden: tf.Tensor,
+        padded_index: tf.Tensor,
+        padded_shape: tf.Tensor,
+        attention_bias: tf.Tensor,
+        layer: dict,
+        training: tf.Tensor,
     ) -> tf.Tensor:
-        batch, length = tf.shape(hidden)[0], tf.shape(hidden)[1]
+        batch, length = padded_shape[0], padded_shape[1]
 
-        def heads(x: tf.Tensor) -> tf.Tensor:  # [B, T, H*D] → [B, H, T, D]
-            return tf.transpose(tf.reshape(x, [batch, length, self.num_heads, self.head_size]), [0, 2, 1, 3])
+        def heads(x: tf.Tensor) -> tf.Tensor:  # [N, H*D] packed → [B, H, T_max, D] padded
+            padded = tf.scatter_nd(padded_index, x, tf.stack([batch, length, self.hidden_size]))
+            return tf.transpose(tf.reshape(padded, [batch, length, self.num_heads, self.head_size]), [0, 2, 1, 3])
 
         query = heads(self._dense(hidden, layer["query"]))
         key = heads(self._dense(hidden, layer["key"]))
@@ -188,6 +203,7 @@ class MiniLMSentenceEncoder(tf.Module):
         scores = tf.matmul(query, key, transpose_b=True) * (1.0 / math.sqrt(self.head_size)) + attention_bias
         probs = self._dropout(tf.nn.softmax(scores, axis=-1), self.attention_dropout_rate, training)
         context = tf.reshape(tf.transpose(tf.matmul(probs, value), [0, 2, 1, 3]), [batch, length, self.hidden_size])
+        context = tf.gather_nd(context, padded_index)  # back to [N, hidden]
         attended = self._dropout(self._dense(context, layer["attention_output"]), self.dropout_rate, training)
         hidden = self._layer_norm(attended + hidden, layer["attention_norm"])
         intermediate = tf.nn.gelu(self._dense(hidden, layer["intermediate"]), approximate=False)  # BERT's erf GELU
@@ -197,7 +213,7 @@ class MiniLMSentenceEncoder(tf.Module):
     @staticmethod
     def _dense(x: tf.Tensor, kernel_and_bias: tuple[tf.Variable, tf.Variable]) -> tf.Tensor:
         kernel, bias = kernel_and_bias
-        return tf.einsum("btd,de->bte", x, kernel) + bias
+        return tf.nn.bias_add(tf.matmul(x, kernel), bias)  # x: [N, in]
 
     def _layer_norm(self, x: tf.Tensor, gamma_and_beta: tuple[tf.Variable, tf.Variable]) -> tf.Tensor:
         gamma, beta = gamma_and_beta

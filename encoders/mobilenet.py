@@ -9,7 +9,7 @@ parity test measures it against the graph) and about a third faster on CPU, wher
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -127,7 +127,9 @@ def build_module(graph_def_bytes: bytes, head: str) -> MobileNetV1:
     return MobileNetV1(graph_def_bytes, head)
 
 
-def frozen_graph_function(graph_def_bytes: bytes, outputs: Mapping[str, str] | None = None):
+def frozen_graph_function(
+    graph_def_bytes: bytes, outputs: Mapping[str, str] | None = None
+) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """The frozen graph itself as a TF2 callable: [B, 224, 224, 3] in [-1, 1] → {name: tensor}.
 
     The reference the rebuilt module is measured against (tests, benchmarks); never used at serving time.
@@ -136,7 +138,7 @@ def frozen_graph_function(graph_def_bytes: bytes, outputs: Mapping[str, str] | N
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString(graph_def_bytes)
 
-    def import_graph(images):
+    def import_graph(images: tf.Tensor) -> dict[str, tf.Tensor]:
         results = tf.compat.v1.import_graph_def(
             graph_def, input_map={"input:0": images}, return_elements=list(outputs.values())
         )

@@ -27,6 +27,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
+from types import MappingProxyType
 
 MINILM = "minilm-l6-v2"
 MOBILENET_FEATURES = "mobilenet-v1-100-224-feature-vector"
@@ -78,7 +79,9 @@ MOBILENET_SOURCE = SourceArchive(
     members=("retrained_graph.pb",),
     member_sha256=(("retrained_graph.pb", "3b90af536f810f5f75e9f6d431bc2e8a3c4fc2ff4f693aa0dd4ae429816f8735"),),
 )
-SOURCES = {MINILM: MINILM_SOURCE, MOBILENET_FEATURES: MOBILENET_SOURCE, MOBILENET_CLASSIFICATION: MOBILENET_SOURCE}
+SOURCES = MappingProxyType(
+    {MINILM: MINILM_SOURCE, MOBILENET_FEATURES: MOBILENET_SOURCE, MOBILENET_CLASSIFICATION: MOBILENET_SOURCE}
+)
 
 
 def cache_dir(override: str | None = None) -> str:
