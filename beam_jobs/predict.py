@@ -20,9 +20,9 @@ import time
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_jobs.embed_corpus import JobConfigError
+from beam_jobs.embed_corpus import REMOTE_RUNNERS, JobConfigError
 from beam_jobs.options import add_flag
 from schemas import embeddings as cols
 from schemas import predictions as pred
@@ -89,11 +89,14 @@ def _check_output(output: str, overwrite: bool) -> dict[str, str]:
     return outputs
 
 
-def plan_job(job: PredictOptions) -> PredictPlan:
+def plan_job(job: PredictOptions, runner: str | None = None) -> PredictPlan:
     """Check the model, the input against it, and the flags, before any worker starts. Raises JobConfigError."""
     for flag in ("input", "model", "output"):
         if not getattr(job, flag):
             raise JobConfigError(f"--{flag} is required")
+    if runner in REMOTE_RUNNERS and "://" not in job.model:
+        raise JobConfigError(f"--model {job.model} is a local folder that {runner} workers cannot read: copy it to "
+                             "gs://")
     if job.top_k < 1 or job.batch_size < 1 or job.min_batch_size < 1:
         raise JobConfigError("--top_k, --batch_size and --min_batch_size must be at least 1")
     if not 0.0 <= job.max_error_rate <= 1.0:
@@ -134,7 +137,7 @@ def run(argv: list[str] | None = None) -> pred.PredictRunReport:
     """Plan, run and report. Raises JobConfigError on misconfiguration."""
     options = PipelineOptions(argv)
     job = options.view_as(PredictOptions)
-    plan = plan_job(job)
+    plan = plan_job(job, options.view_as(StandardOptions).runner)
     log.info("model %s: %s features, labels %s", job.model, plan.info.features, ", ".join(plan.info.labels))
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, job, plan)

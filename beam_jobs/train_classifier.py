@@ -22,13 +22,14 @@ import sys
 import tempfile
 import time
 
+import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
-from beam_jobs.embed_corpus import NO_ENCODER, JobConfigError, _resolve_encoder
+from beam_jobs.embed_corpus import NO_ENCODER, REMOTE_RUNNERS, JobConfigError, _resolve_encoder
 from beam_jobs.options import add_flag
 from encoders.hub_module import EncoderSpec
 from schemas import embeddings as cols
@@ -49,9 +50,11 @@ from transforms.classify import (
 from transforms.embeddings_input import FEATURE_COLUMNS, EmbeddingsInput, EmbeddingsInputError, inspect_embeddings
 from transforms.embeddings_input import read_table as read_embeddings
 from transforms.plots import plot_confusion_matrix, plot_training_curves
+from transforms.predict import prediction_table
 from transforms.prepare import DEFAULT_MAX_IMAGE_PIXELS
 from transforms.read import INPUT_FORMATS, CorpusConfigError, infer_format, match_patterns
 from transforms.report import counters
+from transforms.serving import FineTunedModel, FrozenFeatureModel, export, head_inputs
 from transforms.split import SPLITS, TEST, TRAIN, VALIDATION, check_ratios, split_of
 from transforms.tft_features import (
     SPLIT,
@@ -176,20 +179,25 @@ def _head_config(job: TrainClassifierOptions) -> HeadConfig:
         raise JobConfigError("--modality_dropout must be in [0, 0.5] (it hides one of two modalities per row)")
     if job.epochs < 1 or job.batch_size < 1 or job.patience < 0:
         raise JobConfigError("--epochs and --batch_size must be at least 1, --patience at least 0")
-    learning_rate = job.fine_tune_learning_rate if job.fine_tune else job.learning_rate
-    if learning_rate <= 0:
-        raise JobConfigError("the learning rate must be positive")
-    return HeadConfig(hidden_units=hidden_units, dropout=job.dropout, learning_rate=learning_rate, epochs=job.epochs,
-                      batch_size=job.batch_size, patience=job.patience, class_weights=job.class_weights,
-                      modality_dropout=job.modality_dropout, seed=job.seed)
+    if job.learning_rate <= 0 or job.fine_tune_learning_rate <= 0:
+        raise JobConfigError("--learning_rate and --fine_tune_learning_rate must be positive")
+    return HeadConfig(hidden_units=hidden_units, dropout=job.dropout, learning_rate=job.learning_rate,
+                      epochs=job.epochs, batch_size=job.batch_size, patience=job.patience,
+                      class_weights=job.class_weights, modality_dropout=job.modality_dropout, seed=job.seed)
 
 
-def plan_job(job: TrainClassifierOptions) -> TrainPlan:
+def plan_job(job: TrainClassifierOptions, runner: str | None = None, temp_location: str | None = None) -> TrainPlan:
     """Check everything a user can get wrong, before any work. Raises JobConfigError (one line)."""
     if not job.input:
         raise JobConfigError("--input is required")
     if not job.output:
         raise JobConfigError("--output is required")
+    if runner in REMOTE_RUNNERS:
+        # tf.Transform's analysis (or fine-tune's records) is written by the workers and read back here.
+        for flag, path in (("--output", job.output), ("--temp_location", temp_location or "")):
+            if "://" not in path:
+                raise JobConfigError(f"{runner} workers cannot write {flag} {path or '(unset)'}: use gs:// (or "
+                                     "another shared filesystem)")
     ratio_problem = check_ratios(job.validation_ratio, job.test_ratio)
     if ratio_problem:
         raise JobConfigError(ratio_problem)
@@ -238,8 +246,6 @@ def _split_indices(splits: np.ndarray, label_ids: np.ndarray) -> dict[str, np.nd
 def _write_test_predictions(path: str, ids: np.ndarray, probabilities: np.ndarray, labels: list[str],
                             model_info: ModelInfo) -> np.ndarray:
     """The in-process test-split predictions, in the predict job's schema; returns the predicted label ids."""
-    from transforms.predict import prediction_table  # the predict job's own row layout
-
     metadata = {pred.META_MODEL_INFO: json.dumps(model_info.to_dict(), sort_keys=True)}
     table = prediction_table(list(ids), probabilities, labels, top_k=min(3, len(labels)),
                              schema=pred.predictions_schema(metadata))
@@ -270,13 +276,13 @@ def _finish(plan: TrainPlan, job: TrainClassifierOptions, labels: list[str], row
 
 def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
     """Embeddings Parquet → tf.Transform analysis → head → serving model and report."""
-    from transforms.serving import FrozenFeatureModel, export
-
     started = time.perf_counter()
     embeddings = plan.embeddings
     # Analyze: the full pass over the training split, on Beam; writes transform/ beside the model.
+    temp_location = options.view_as(GoogleCloudOptions).temp_location
     analyze_training_split(embeddings.paths, job.features, embeddings.dims, job.validation_ratio, job.test_ratio,
-                           plan.top_k, plan.frequency_threshold, plan.outputs["transform"], options)
+                           plan.top_k, plan.frequency_threshold, plan.outputs["transform"], options,
+                           temp_dir=FileSystems.join(temp_location, "hubembed-tft") if temp_location else None)
     transform = load_transform(plan.outputs["transform"])
     labels = label_vocabulary(transform)
     if len(labels) < 2:
@@ -292,8 +298,6 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
     transform_layer = transform.transform_features_layer()
     head = build_head(len(labels), plan.head)
     model = FrozenFeatureModel(transform_layer, head, labels, job.features, embeddings.dims)
-    from transforms.serving import head_inputs
-
     def head_input(name: str) -> np.ndarray:
         return head_inputs(transform_layer(raw_inputs(rows, job.features, split[name]))).numpy()
 
@@ -319,14 +323,11 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
 
 def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
     """Raw corpus → records (read + prepare on Beam) → trainable encoders + head → serving model and report."""
-    import apache_beam as beam
-
-    from transforms.serving import FineTunedModel, export
-
     started = time.perf_counter()
     use_image, use_text = plan.image is not None, plan.text is not None
-    with tempfile.TemporaryDirectory(prefix="hubembed-records-") as temp:
-        records_prefix = FileSystems.join(temp, "records")
+    temp_location = options.view_as(GoogleCloudOptions).temp_location
+    with tempfile.TemporaryDirectory(prefix="hubembed-records-") as local_temp:
+        records_prefix = FileSystems.join(temp_location or local_temp, f"hubembed-records-{time.time_ns()}")
         pipeline = beam.Pipeline(options=options)
         fine_tune.build_records_pipeline(pipeline, job.input, plan.input_format, use_image, use_text,
                                          job.max_image_pixels, records_prefix, plan.outputs["dead_letters"])
@@ -353,18 +354,36 @@ def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: Pipe
 
     set_seed(plan.head.seed)
     model = fine_tune.build_fine_tune_model(plan.image, plan.text, len(labels), plan.head, part(TRAIN))
-    before = fine_tune.encoder_weights(model)
+    train, validation = (part(TRAIN), label_ids[split[TRAIN]]), (part(VALIDATION), label_ids[split[VALIDATION]])
+    class_weight = class_weight_for(plan.head, label_ids[split[TRAIN]], len(labels))
+    # Keras's transfer-learning recipe: first the new head on frozen encoders (at --learning_rate), so that the
+    # low-rate fine-tuning starts from a head that already works instead of pushing random gradients into the
+    # pretrained weights; then everything at --fine_tune_learning_rate.
     try:
-        training = fit(model, (part(TRAIN), label_ids[split[TRAIN]]),
-                       (part(VALIDATION), label_ids[split[VALIDATION]]), plan.head, plan.head.learning_rate,
-                       class_weight_for(plan.head, label_ids[split[TRAIN]], len(labels)))
+        fine_tune.set_encoders_trainable(model, False)
+        head_phase = fit(model, train, validation, plan.head, plan.head.learning_rate, class_weight)
+        # The test accuracy with the encoders still frozen: what fine-tuning adds, within the same run.
+        frozen_accuracy = float(np.mean(model.predict(part(TEST), batch_size=64, verbose=0).argmax(axis=1)
+                                        == label_ids[split[TEST]]))
+        fine_tune.set_encoders_trainable(model, True)
+        before = fine_tune.encoder_weights(model)
+        tuned_phase = fit(model, train, validation, plan.head, job.fine_tune_learning_rate, class_weight)
     except Exception as error:  # LookupError, wrapped by autograph in a StagingError
-        # An op inside an encoder without a gradient: that encoder cannot be fine-tuned, whatever the data.
+        # An op inside an encoder without a gradient: TensorFlow differentiates a restored function for all its
+        # inputs, so even the head phase fails; that encoder cannot be fine-tuned, whatever the data.
         cause = next((line.strip() for line in str(error).splitlines() if "No gradient defined" in line), None)
         if cause is None:
             raise
         raise JobConfigError(f"cannot fine-tune the encoders: {cause.split('. In general')[0]}") from error
-    training["encoder_weight_change"] = fine_tune.weight_change(before, fine_tune.encoder_weights(model))
+    training = {
+        "epochs_run": head_phase["epochs_run"] + tuned_phase["epochs_run"],
+        "best_epoch": head_phase["epochs_run"] + tuned_phase["best_epoch"],
+        "history": {name: values + tuned_phase["history"].get(name, []) for name, values in
+                    head_phase["history"].items()},
+        "head_phase_epochs": head_phase["epochs_run"],
+        "head_phase_test_accuracy": round(frozen_accuracy, 6),
+        "encoder_weight_change": fine_tune.weight_change(before, fine_tune.encoder_weights(model)),
+    }
     metadata = {}
     if plan.image:
         metadata[cols.META_IMAGE_ENCODER] = plan.image.to_json()
@@ -388,7 +407,7 @@ def run(argv: list[str] | None = None) -> TrainingReport:
     """Plan, train, evaluate and write. Raises JobConfigError on misconfiguration."""
     options = PipelineOptions(argv)
     job = options.view_as(TrainClassifierOptions)
-    plan = plan_job(job)
+    plan = plan_job(job, options.view_as(StandardOptions).runner, options.view_as(GoogleCloudOptions).temp_location)
     return train_fine_tuned(plan, job, options) if plan.mode == "fine_tune" else train_frozen(plan, job, options)
 
 

@@ -1,5 +1,6 @@
 """The downstream stage end to end: embed (fixture Hub models) → train_classifier → predict, on DirectRunner.
 
+`fixture_encoders` (tests/conftest.py) builds the tiny Hub-format encoders once per session.
 One sample corpus is embedded once per session and the three frozen-feature classifiers are trained once; the
 other tests reuse them and build small variants of the Parquet (other encoder metadata, no label column,
 unlabeled rows, poisoned vectors) with pyarrow, keeping the embedding job's schema metadata.
@@ -22,7 +23,6 @@ from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas import predictions as pred
 from scripts.make_sample_corpus import make_sample_corpus
-from tests.fixture_models import build_image_encoder, build_text_encoder
 from transforms.classify import balanced_class_weights, split_metrics
 from transforms.split import TEST, TRAIN, VALIDATION, split_fraction, split_of
 
@@ -37,12 +37,6 @@ BOTH_ACCURACY_BAR = 0.93
 BOTH_MARGIN = 0.01
 FAST = ["--epochs", "3", "--patience", "1"]  # for tests about plumbing, not accuracy
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="session")
-def fixture_encoders(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("encoders")
-    return {"image": build_image_encoder(str(root / "image")), "text": build_text_encoder(str(root / "text"))}
 
 
 @pytest.fixture(scope="session")
@@ -408,3 +402,10 @@ def test_fine_tune_trains_the_encoders_and_reports_in_the_same_form(fixture_enco
                                                   text=tf.constant([rows[t["id"]]["text"] for t in tested]))
     assert [label.decode() for label in outputs["predicted_label"].numpy()] == [t["predicted_label"] for t in tested]
     np.testing.assert_allclose(outputs["probability"].numpy(), [t["probability"] for t in tested], atol=1e-4)
+
+
+def test_predict_refuses_a_local_model_on_a_cluster_runner(frozen_runs, embeddings, tmp_path, capsys):
+    code = predict.main(["--input", embeddings_glob(embeddings), "--model", os.path.join(frozen_runs["both"]["output"],
+                         "model"), "--output", str(tmp_path / "out"), "--runner", "DataflowRunner"])
+    assert code == predict.EXIT_CONFIG
+    assert "is a local folder that DataflowRunner workers cannot read" in one_line_error(capsys)

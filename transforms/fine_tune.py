@@ -21,7 +21,7 @@ from encoders.hub_module import EncoderSpec
 from encoders.runtime import hub, tf, tf_keras
 from schemas import embeddings as cols
 from schemas.records import Record
-from transforms.classify import HeadConfig, build_head
+from transforms.classify import HeadConfig, ModalityDropout, build_head, modality_columns
 from transforms.embed import make_image_decoder
 from transforms.prepare import PrepareRecords
 from transforms.read import ReadCorpus
@@ -57,11 +57,14 @@ def build_records_pipeline(pipeline: beam.Pipeline, path: str, input_format: str
 
 
 def read_records(records_prefix: str) -> pa.Table:
+    """The records the pipeline wrote, in memory; the files are deleted once read (they are only a hand-over)."""
     paths = sorted(m.path for r in FileSystems.match([records_prefix + "*" + PARQUET_SUFFIX]) for m in r.metadata_list)
     tables = []
     for path in paths:
         with FileSystems.open(path) as handle:
             tables.append(pq.read_table(handle))
+    if paths:
+        FileSystems.delete(paths)
     return pa.concat_tables(tables) if tables else RECORDS_SCHEMA.empty_table()
 
 
@@ -132,8 +135,19 @@ def build_fine_tune_model(image: EncoderSpec | None, text: EncoderSpec | None, n
     normalize.adapt(embed.predict({name: value for name, value in train_inputs.items()}, batch_size=64, verbose=0))
     scaled = normalize(vector)
     head_input = tf_keras.layers.Concatenate(name="with_masks")([scaled, *masks]) if len(masks) > 1 else scaled
+    dims = [spec.dim for spec in (image, text) if spec is not None]
+    if len(dims) > 1 and head.modality_dropout:  # as in frozen mode; the identity at inference
+        head_input = ModalityDropout(modality_columns(dims), sum(dims) + len(dims), head.modality_dropout, head.seed,
+                                     name="modality_dropout")(head_input)
     probabilities = build_head(n_classes, head)(head_input)
     return tf_keras.Model(inputs, probabilities, name="fine_tuned_classifier")
+
+
+def set_encoders_trainable(model: tf_keras.Model, trainable: bool) -> None:
+    """Freeze or unfreeze the hub.KerasLayer encoders (takes effect at the next compile)."""
+    for layer in model.layers:
+        if isinstance(layer, hub.KerasLayer):
+            layer.trainable = trainable
 
 
 def encoder_weights(model: tf_keras.Model) -> dict[str, np.ndarray]:

@@ -21,7 +21,14 @@ from schemas import embeddings as cols
 from schemas import predictions as pred
 from schemas.records import DeadLetter
 from schemas.training import ModelInfo
-from transforms.dead_letters import DEAD_LETTER_TAG, METRICS_NAMESPACE, RECORDS_READ, route
+from transforms.dead_letters import (
+    DEAD_LETTER_REASON_PREFIX,
+    DEAD_LETTER_TAG,
+    DEAD_LETTERED,
+    METRICS_NAMESPACE,
+    RECORDS_READ,
+    route,
+)
 from transforms.embeddings_input import MASK_OF, iter_tables
 from transforms.report import counters
 
@@ -168,8 +175,6 @@ class ScoreEmbeddings(beam.PTransform):
 def build_predict_report(job: str, result, seconds: float, max_error_rate: float, outputs: dict[str, str],
                          metadata: dict[str, str]) -> pred.PredictRunReport:
     """The run report from Beam's counters (the same counters and reasons as the embedding job's report)."""
-    from transforms.dead_letters import DEAD_LETTER_REASON_PREFIX, DEAD_LETTERED
-
     totals = counters(result)
     read, dead = totals.get(RECORDS_READ, 0), totals.get(DEAD_LETTERED, 0)
     return pred.PredictRunReport(
