@@ -28,8 +28,8 @@ EMBEDDING_DIM = 384
 # literal "[UNK]" in a sentence is the unknown token, not "[", "unk", "]".
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 SPECIAL_TOKEN_PATTERN = r"\[(?:PAD|UNK|CLS|SEP|MASK)\]"
-# Hugging Face's WordPiece gives up on words longer than this (tensorflow_text counts bytes, HF counts characters:
-# the two agree on ASCII words).
+# Hugging Face's WordPiece turns a word longer than this many characters into [UNK]. tensorflow_text's limit is in
+# bytes, so it gets 4 bytes per character (the UTF-8 maximum) and the character rule is applied after it.
 MAX_CHARS_PER_WORD = 100
 
 # Files of the sentence-transformers model folder this module reads.
@@ -53,6 +53,13 @@ def normalize_like_bert_uncased(texts: tf.Tensor) -> tf.Tensor:
     return tf.strings.lower(texts, encoding="utf-8")
 
 
+def replace_rows(rows: tf.RaggedTensor, replace: tf.Tensor, replacement: tf.Tensor) -> tf.RaggedTensor:
+    """rows [R, (k)] with every row r where replace[r] is True swapped for the single value replacement[r]."""
+    kept = tf.ragged.boolean_mask(rows, tf.ones_like(rows, tf.bool) & ~replace[:, None])
+    swapped = tf.RaggedTensor.from_row_lengths(tf.boolean_mask(replacement, replace), tf.cast(replace, tf.int64))
+    return tf.concat([kept, swapped], axis=1)  # each row is empty in one of the two
+
+
 class MiniLMSentenceEncoder(tf.Module):
     """[B] tf.string → [B, 384] float32, unit-length; `training=True` turns on BERT's dropout (p=0.1)."""
 
@@ -68,6 +75,7 @@ class MiniLMSentenceEncoder(tf.Module):
         self.cls_id = vocab.index("[CLS]")
         self.sep_id = vocab.index("[SEP]")
         self.pad_id = vocab.index("[PAD]")
+        self.unk_id = vocab.index("[UNK]")
 
         self.vocab_table = tf.lookup.StaticVocabularyTable(
             tf.lookup.KeyValueTensorInitializer(
@@ -78,7 +86,7 @@ class MiniLMSentenceEncoder(tf.Module):
         self.tokenizer = tf_text.BertTokenizer(
             self.vocab_table,
             suffix_indicator="##",
-            max_bytes_per_word=MAX_CHARS_PER_WORD,
+            max_bytes_per_word=4 * MAX_CHARS_PER_WORD,
             token_out_type=tf.int64,
             unknown_token="[UNK]",
             lower_case=False,  # normalize_like_bert_uncased does it, HF's way
@@ -139,13 +147,20 @@ class MiniLMSentenceEncoder(tf.Module):
         # Cut special-token literals out first (kept as pieces of their own), as HF's added-token matching does.
         pieces = tf_text.regex_split(texts, SPECIAL_TOKEN_PATTERN, SPECIAL_TOKEN_PATTERN)  # [B, (P)]
         flat_pieces = pieces.flat_values
-        is_special = tf.strings.regex_full_match(flat_pieces, SPECIAL_TOKEN_PATTERN)
-        wordpieces = self.tokenizer.tokenize(normalize_like_bert_uncased(flat_pieces)).merge_dims(1, 2)  # [N, (W)]
-        ordinary = tf.ragged.boolean_mask(wordpieces, tf.ones_like(wordpieces, tf.bool) & ~is_special[:, None])
-        special = tf.RaggedTensor.from_row_lengths(
-            self.vocab_table.lookup(tf.boolean_mask(flat_pieces, is_special)), tf.cast(is_special, tf.int64)
+        normalized = normalize_like_bert_uncased(flat_pieces)
+        wordpieces, starts, ends = self.tokenizer.tokenize_with_offsets(normalized)  # [N, (words), (word pieces)]
+        # Each word's span in the normalised text (an [UNK] covers its whole word), to count its characters.
+        word_starts, word_ends = tf.reduce_min(starts, axis=2), tf.reduce_max(ends, axis=2)  # [N, (words)]
+        words = tf.strings.substr(
+            tf.gather(normalized, word_starts.value_rowids()),
+            word_starts.flat_values,
+            word_ends.flat_values - word_starts.flat_values,
         )
-        piece_ids = tf.concat([ordinary, special], axis=1)  # each row is one or the other
+        too_long = tf.strings.length(words, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
+        unknown = tf.fill(tf.shape(too_long, out_type=tf.int64), tf.constant(self.unk_id, tf.int64))
+        wordpieces = wordpieces.with_values(replace_rows(wordpieces.values, too_long, unknown))
+        is_special = tf.strings.regex_full_match(flat_pieces, SPECIAL_TOKEN_PATTERN)
+        piece_ids = replace_rows(wordpieces.merge_dims(1, 2), is_special, self.vocab_table.lookup(flat_pieces))
         token_ids = pieces.with_flat_values(piece_ids).merge_dims(1, 2)  # [B, (tokens)]
         token_ids = token_ids[:, : MAX_SEQ_LENGTH - 2]
         token_ids, _ = tf_text.combine_segments([token_ids], self.cls_id, self.sep_id)
