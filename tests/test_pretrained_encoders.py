@@ -126,6 +126,15 @@ def test_minilm_tokenises_like_hugging_face(encoder_cache):
     token_ids = encoder.tokenize(tf.constant(texts))
     assert dict(zip(texts, token_ids.to_list(), strict=True)) == HF_TOKEN_IDS
 
+    # 500 random strings over Latin, accented, Greek, Cyrillic, CJK, kana, Hangul, Thai, Arabic, Devanagari, emoji,
+    # odd spaces, control and format characters, combining marks and special-token literals, 0-40 characters each,
+    # with Hugging Face's ids for them (same tokenizer as above).
+    with open(DATA / "minilm_hf_token_ids.jsonl", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    token_ids = encoder.tokenize(tf.constant([row["text"] for row in rows])).to_list()
+    differing = [row["text"] for row, ids in zip(rows, token_ids, strict=True) if ids != row["input_ids"]]
+    assert not differing, f"{len(differing)} of {len(rows)} differ, e.g. {differing[:3]}"
+
 
 def test_minilm_takes_an_empty_batch(text_layer):
     assert text_layer(tf.constant([], tf.string)).shape == (0, 384)
