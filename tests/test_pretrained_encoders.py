@@ -148,13 +148,13 @@ def test_minilm_truncates_at_256_tokens(text_layer):
 
 
 def test_minilm_loads_in_a_fresh_process(encoder_cache):
-    # The graph holds tensorflow_text ops: ensure_baked registers them, so the path it returns loads right away
-    # in a process that never imported encoders.minilm (as in the embedding job's workers).
+    # The graph holds tensorflow_text ops: a process that only imports TF through encoders.runtime, as the
+    # embedding job's workers do, and never baked nor imported encoders.minilm, must load it.
+    path = pretrained.ensure_baked(pretrained.MINILM, encoder_cache)
     script = (
-        "import sys; from encoders import pretrained; from encoders.runtime import hub, tf; "
-        f"path = pretrained.ensure_baked(pretrained.MINILM, {encoder_cache!r}); "
-        "assert 'encoders.minilm' not in sys.modules; "
-        "print(hub.KerasLayer(path)(tf.constant(['a leaf', ''])).shape)"
+        "import sys; from encoders.runtime import hub, tf; "
+        "assert 'encoders.minilm' not in sys.modules and 'encoders.pretrained' not in sys.modules; "
+        f"print(hub.KerasLayer({path!r})(tf.constant(['a leaf', ''])).shape)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
