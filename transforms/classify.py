@@ -132,9 +132,13 @@ def fit(model: tf_keras.Model, train: tuple, validation: tuple, config: HeadConf
 
 
 def set_seed(seed: int) -> None:
-    """Same data, same flags, same machine → same model: seeds for Python, NumPy and TF, deterministic ops."""
+    """Same data, same flags, same machine → same model: seeds for Python, NumPy and TF.
+
+    Not `tf.config.experimental.enable_op_determinism()`: it is process-wide and permanent, and makes every
+    unseeded random op of any other model loaded in the process fail (e.g. a Hub module's dropout). The head's
+    ops on CPU are deterministic as they are.
+    """
     tf_keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
 
 
 def split_metrics(true_ids: np.ndarray, predicted_ids: np.ndarray, labels: list[str]) -> SplitMetrics:

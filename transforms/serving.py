@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 
 from encoders.runtime import tf, tf_keras
 from schemas import embeddings as cols
@@ -116,8 +117,6 @@ class FineTunedModel(tf.Module):
 
 def export(module: tf.Module, model_dir: str, info: ModelInfo) -> None:
     """Save the module with its two signatures, and model_info.json in assets.extra/ (any Beam filesystem)."""
-    from apache_beam.io.filesystems import FileSystems
-
     tf.saved_model.save(module, model_dir, signatures={
         SERVING_SIGNATURE: module.serve.get_concrete_function(),
         LABELS_SIGNATURE: module.label_vocabulary.get_concrete_function(),
@@ -131,8 +130,6 @@ def export(module: tf.Module, model_dir: str, info: ModelInfo) -> None:
 
 def read_model_info(model_dir: str) -> ModelInfo:
     """The model's model_info.json; raises FileNotFoundError / ValueError for a folder that is not such a model."""
-    from apache_beam.io.filesystems import FileSystems
-
     path = FileSystems.join(model_dir, "assets.extra", MODEL_INFO_NAME)
     if not FileSystems.exists(path):
         raise FileNotFoundError(f"{model_dir} is not a hubembed serving model (no assets.extra/{MODEL_INFO_NAME})")
