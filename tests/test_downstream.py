@@ -351,6 +351,13 @@ def test_top_k_labels_and_balanced_class_weights(embeddings, tmp_path):
     assert report.hyperparameters["class_weights"] == "balanced"
 
 
+def test_label_limits_that_leave_no_classifier_fail_in_one_line(embeddings, tmp_path, capsys):
+    code = train_classifier.main(["--input", embeddings_glob(embeddings), "--output", str(tmp_path / "out"),
+                                  "--label_frequency_threshold", str(CORPUS_ROWS), *FAST])
+    assert code == train_classifier.EXIT_CONFIG
+    assert "the training split has 0 label(s)" in one_line_error(capsys)
+
+
 # --- fine-tune mode --------------------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 # tf.Transform follows TensorFlow's Keras choice: import it only after encoders.runtime set TF_USE_LEGACY_KERAS.
 import tensorflow_transform as tft  # noqa: E402, I001
 import tensorflow_transform.beam as tft_beam  # noqa: E402
+from tensorflow_transform.analyzers import get_empy_vocabulary_dummy_value  # noqa: E402
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils  # noqa: E402
 
 from encoders.runtime import tf
@@ -135,8 +136,11 @@ def load_transform(transform_output_dir: str) -> tft.TFTransformOutput:
 
 
 def label_vocabulary(transform_output: tft.TFTransformOutput) -> list[str]:
+    """The labels in the model's output order; empty when the limits kept none (tf.Transform then writes a
+    placeholder entry so its lookup tables can initialise, which is not a label)."""
+    placeholder = get_empy_vocabulary_dummy_value(tf.string)[1]
     return [label.decode("utf-8") if isinstance(label, bytes) else label
-            for label in transform_output.vocabulary_by_name(LABEL_VOCABULARY)]
+            for label in transform_output.vocabulary_by_name(LABEL_VOCABULARY) if label != placeholder]
 
 
 def raw_inputs(rows: dict[str, np.ndarray], features: str, index: np.ndarray | None = None) -> dict[str, tf.Tensor]:
