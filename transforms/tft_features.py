@@ -19,13 +19,15 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+# isort: off
 # tf.Transform follows TensorFlow's Keras choice: import it only after encoders.runtime set TF_USE_LEGACY_KERAS.
-import tensorflow_transform as tft  # noqa: E402, I001
-import tensorflow_transform.beam as tft_beam  # noqa: E402
-from tensorflow_transform.analyzers import get_empy_vocabulary_dummy_value  # noqa: E402
-from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils  # noqa: E402
-
 from encoders.runtime import tf
+import tensorflow_transform as tft
+import tensorflow_transform.beam as tft_beam
+from tensorflow_transform.analyzers import get_empy_vocabulary_dummy_value
+from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+# isort: on
 from schemas import embeddings as cols
 from transforms.embeddings_input import FEATURE_COLUMNS, MASK_OF, VECTOR_COLUMNS, iter_tables, vectors
 from transforms.split import TRAIN, split_of
