@@ -1,5 +1,5 @@
 # The two commands a newcomer runs on a fresh machine (Python 3.11 on PATH as python3.11 or python3):
-#   make demo   set up, then embed the sample corpus with the pretrained encoders (baked on first use)
+#   make demo   set up, then embed → train → predict on the sample corpus with the pretrained encoders
 #   make test   set up, then run the whole test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -19,9 +19,13 @@ $(STAMP): constraints.txt setup.py
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python scripts/make_sample_corpus.py --output $(DEMO)/corpus --size 300
+	$(BIN)/python scripts/make_sample_corpus.py --output $(DEMO)/corpus --size 600
 	$(BIN)/python -m beam_jobs.embed_corpus --input $(DEMO)/corpus/manifest.jsonl \
 	    --output $(DEMO)/embeddings --overwrite --l2_normalize --runner DirectRunner
+	$(BIN)/python -m beam_jobs.train_classifier --input '$(DEMO)/embeddings/embeddings-*.parquet' \
+	    --output $(DEMO)/classifier --features both --overwrite
+	$(BIN)/python -m beam_jobs.predict --input '$(DEMO)/embeddings/embeddings-*.parquet' \
+	    --model $(DEMO)/classifier/model --output $(DEMO)/predictions --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q

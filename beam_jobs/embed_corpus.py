@@ -8,7 +8,6 @@ Everything a user can get wrong is checked before the pipeline starts (`plan_job
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -18,37 +17,35 @@ import time
 from importlib import metadata as package_metadata
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_jobs.launch import (
+    LOCAL_RUNNERS,
+    REMOTE_RUNNERS,
+    JobConfigError,
+    claim_output,
+    finish_run,
+    job_main,
+    written_files,
+)
 from encoders import pretrained
 from encoders.hub_module import EncoderConfigError, EncoderSpec, probe_encoder
 from encoders.runtime import tf
 from schemas import embeddings as cols
-from schemas.report import RunReport
+from schemas.report import EmbedRunReport
 from transforms.embed import EmbedConfig, EmbedRecords
 from transforms.prepare import DEFAULT_MAX_IMAGE_PIXELS, PrepareRecords
 from transforms.read import INPUT_FORMATS, CorpusConfigError, ReadCorpus, infer_format, match_patterns
-from transforms.report import ProgressLog, build_report, format_report, write_report
-from transforms.write import PARQUET_SUFFIX, WriteDeadLetters, WriteEmbeddings
+from transforms.report import ProgressLog, build_report, write_report
+from transforms.write import WriteDeadLetters, WriteEmbeddings
 
 JOB_NAME = "embed_corpus"
 NO_ENCODER = "none"
 EMBEDDINGS_PREFIX = "embeddings"
 DEAD_LETTERS_PREFIX = "dead_letters"
 REPORT_NAME = "run_report.json"
-EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
-# Runners whose workers never share the launcher's disk. Flink, Spark and Portable runners can run on this machine
-# (a local job server, an embedded cluster), so a local encoder folder is left for them to judge.
-REMOTE_RUNNERS = ("DataflowRunner",)
-# Runners whose workers are processes of this machine: what the launcher sees (a GPU) is what they see.
-LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 
 log = logging.getLogger("hubembed")
-
-
-class JobConfigError(ValueError):
-    """Misconfiguration found at start; the message is one line, fit for the console."""
 
 
 class EmbedCorpusOptions(PipelineOptions):
@@ -119,8 +116,9 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _resolve_encoder(modality: str, handle: str, signature: str | None, output_key: str | None,
-                     image_size: int | None, cache_dir: str | None) -> EncoderSpec | None:
+def resolve_encoder(modality: str, handle: str, signature: str | None, output_key: str | None,
+                    image_size: int | None, cache_dir: str | None) -> EncoderSpec | None:
+    """A handle flag → a probed EncoderSpec: empty is the baked default, `none` is no encoder (None)."""
     if handle.strip().lower() == NO_ENCODER:
         return None
     name = None
@@ -135,25 +133,6 @@ def _resolve_encoder(modality: str, handle: str, signature: str | None, output_k
         return probe_encoder(spec, image_size)
     except EncoderConfigError as error:
         raise JobConfigError(str(error)) from error
-
-
-def _check_output(output: str, overwrite: bool) -> dict[str, str]:
-    outputs = {
-        "embeddings": FileSystems.join(output, EMBEDDINGS_PREFIX),
-        "dead_letters": FileSystems.join(output, DEAD_LETTERS_PREFIX),
-        "report": FileSystems.join(output, REPORT_NAME),
-    }
-    patterns = [outputs["embeddings"] + "-*" + PARQUET_SUFFIX, outputs["dead_letters"] + "-*" + PARQUET_SUFFIX,
-                outputs["report"]]
-    earlier = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
-    if earlier and not overwrite:
-        raise JobConfigError(f"{output} already holds a run's output ({len(earlier)} files): "
-                             "pass --overwrite to replace it, or write to a new folder")
-    if earlier:
-        FileSystems.delete(earlier)
-    if not FileSystems.exists(output):
-        FileSystems.mkdirs(output)
-    return outputs
 
 
 def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
@@ -171,9 +150,9 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
         match_patterns(job.input, input_format)
     except CorpusConfigError as error:
         raise JobConfigError(str(error)) from error
-    image = _resolve_encoder("image", job.image_encoder, job.image_signature, job.image_output_key,
+    image = resolve_encoder("image", job.image_encoder, job.image_signature, job.image_output_key,
                              job.image_size, job.encoder_cache_dir)
-    text = _resolve_encoder("text", job.text_encoder, job.text_signature, job.text_output_key,
+    text = resolve_encoder("text", job.text_encoder, job.text_signature, job.text_output_key,
                             None, job.encoder_cache_dir)
     if image is None and text is None:
         raise JobConfigError(f"both encoders are '{NO_ENCODER}': there is nothing to embed")
@@ -190,7 +169,8 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
     clashing = sorted(reserved.intersection(passthrough))
     if clashing:
         raise JobConfigError(f"--passthrough names output columns of the job itself: {', '.join(clashing)}")
-    outputs = _check_output(job.output, job.overwrite)
+    outputs = claim_output(job.output, {"embeddings": EMBEDDINGS_PREFIX, "dead_letters": DEAD_LETTERS_PREFIX},
+                           REPORT_NAME, job.overwrite)
     metadata = {
         cols.META_VERSION: _package_version(),
         cols.META_CREATED_AT: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -229,7 +209,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
      | "WriteDeadLetters" >> WriteDeadLetters(plan.outputs["dead_letters"], progress))
 
 
-def run(argv: list[str] | None = None) -> RunReport:
+def run(argv: list[str] | None = None) -> EmbedRunReport:
     """Plan, run and report. Raises JobConfigError on misconfiguration."""
     options = PipelineOptions(argv)
     job = options.view_as(EmbedCorpusOptions)
@@ -243,39 +223,14 @@ def run(argv: list[str] | None = None) -> RunReport:
     started = time.perf_counter()
     result = pipeline.run()
     result.wait_until_finish()
-    written = {"embeddings": plan.outputs["embeddings"] + "-*" + PARQUET_SUFFIX,
-               "dead_letters": plan.outputs["dead_letters"] + "-*" + PARQUET_SUFFIX, "report": plan.outputs["report"]}
-    report = build_report(JOB_NAME, result, time.perf_counter() - started, job.max_error_rate, written,
-                          plan.schema_metadata)
+    report = build_report(EmbedRunReport, JOB_NAME, result, time.perf_counter() - started, job.max_error_rate,
+                          written_files(plan.outputs), plan.schema_metadata)
     write_report(report, plan.outputs["report"])
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m beam_jobs.embed_corpus", description=__doc__.split("\n\n")[0],
-                                     epilog="Any other flag (--runner, --project, --region, ...) goes to Beam.")
-    EmbedCorpusOptions._add_argparse_args(parser)
-    parser.parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("hubembed", "encoders"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    try:
-        report = run(argv)
-    except JobConfigError as error:
-        print(f"hubembed: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(format_report(report))
-    if not report.reconciled:
-        print(f"hubembed: error: {report.read} records read but {report.embedded} embedded + {report.dead_lettered} "
-              "dead-lettered: the runner lost or duplicated records", file=sys.stderr)
-        return EXIT_TOO_MANY_ERRORS
-    if not report.passed:
-        print(f"hubembed: error: {report.dead_lettered} of {report.read} records were dead-lettered "
-              f"({report.error_rate:.2%} > --max_error_rate {report.max_error_rate:.2%}); "
-              f"see {report.outputs['dead_letters']}", file=sys.stderr)
-        return EXIT_TOO_MANY_ERRORS
-    return EXIT_OK
+    return job_main(argv, "python -m beam_jobs.embed_corpus", __doc__, EmbedCorpusOptions, run, finish_run)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ dead_letters-*.parquet; the job exits non-zero when the dead-lettered share exce
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -19,25 +18,23 @@ import sys
 import time
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_jobs.embed_corpus import REMOTE_RUNNERS, JobConfigError
+from beam_jobs.launch import REMOTE_RUNNERS, JobConfigError, claim_output, finish_run, job_main, written_files
 from beam_jobs.options import add_flag
 from schemas import embeddings as cols
 from schemas import predictions as pred
 from schemas.training import ModelInfo
 from transforms.embeddings_input import EmbeddingsInputError, identity_difference, inspect_embeddings
-from transforms.predict import ScoreEmbeddings, build_predict_report, format_predict_report
-from transforms.report import write_report
+from transforms.predict import ScoreEmbeddings
+from transforms.report import build_report, write_report
 from transforms.serving import read_model_info
-from transforms.write import PARQUET_SUFFIX, WriteDeadLetters, WriteEmbeddings
+from transforms.write import WriteDeadLetters, WriteEmbeddings
 
 JOB_NAME = "predict"
 PREDICTIONS_PREFIX = "predictions"
 DEAD_LETTERS_PREFIX = "dead_letters"
 REPORT_NAME = "run_report.json"
-EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
 
 log = logging.getLogger("hubembed")
 
@@ -72,23 +69,6 @@ class PredictPlan:
     outputs: dict[str, str]
 
 
-def _check_output(output: str, overwrite: bool) -> dict[str, str]:
-    outputs = {"predictions": FileSystems.join(output, PREDICTIONS_PREFIX),
-               "dead_letters": FileSystems.join(output, DEAD_LETTERS_PREFIX),
-               "report": FileSystems.join(output, REPORT_NAME)}
-    patterns = [outputs["predictions"] + "-*" + PARQUET_SUFFIX, outputs["dead_letters"] + "-*" + PARQUET_SUFFIX,
-                outputs["report"]]
-    earlier = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
-    if earlier and not overwrite:
-        raise JobConfigError(f"{output} already holds a run's output ({len(earlier)} files): "
-                             "pass --overwrite to replace it, or write to a new folder")
-    if earlier:
-        FileSystems.delete(earlier)
-    if not FileSystems.exists(output):
-        FileSystems.mkdirs(output)
-    return outputs
-
-
 def plan_job(job: PredictOptions, runner: str | None = None) -> PredictPlan:
     """Check the model, the input against it, and the flags, before any worker starts. Raises JobConfigError."""
     for flag in ("input", "model", "output"):
@@ -115,7 +95,8 @@ def plan_job(job: PredictOptions, runner: str | None = None) -> PredictPlan:
     if embeddings.identity != info.encoder_identity:
         raise JobConfigError(f"{embeddings.paths[0]} was embedded with other encoders than {job.model} was trained "
                              f"on ({identity_difference(info.encoder_identity, embeddings.identity)})")
-    outputs = _check_output(job.output, job.overwrite)
+    outputs = claim_output(job.output, {"predictions": PREDICTIONS_PREFIX, "dead_letters": DEAD_LETTERS_PREFIX},
+                           REPORT_NAME, job.overwrite)
     metadata = {pred.META_MODEL: job.model, pred.META_MODEL_INFO: json.dumps(info.to_dict(), sort_keys=True)}
     return PredictPlan(embeddings.paths, info, min(job.top_k, len(info.labels)), metadata, outputs)
 
@@ -144,32 +125,14 @@ def run(argv: list[str] | None = None) -> pred.PredictRunReport:
     started = time.perf_counter()
     result = pipeline.run()
     result.wait_until_finish()
-    report = build_predict_report(JOB_NAME, result, time.perf_counter() - started, job.max_error_rate, plan.outputs,
-                                  plan.schema_metadata)
+    report = build_report(pred.PredictRunReport, JOB_NAME, result, time.perf_counter() - started,
+                          job.max_error_rate, written_files(plan.outputs), plan.schema_metadata)
     write_report(report, plan.outputs["report"])
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m beam_jobs.predict", description=__doc__.split("\n\n")[0],
-                                     epilog="Any other flag (--runner, --project, --region, ...) goes to Beam.")
-    PredictOptions._add_argparse_args(parser)
-    parser.parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hubembed").setLevel(logging.INFO)
-    try:
-        report = run(argv)
-    except JobConfigError as error:
-        print(f"hubembed: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(format_predict_report(report))
-    if not report.passed:
-        print(f"hubembed: error: {report.dead_lettered} of {report.read} rows were dead-lettered "
-              f"({report.error_rate:.2%} > --max_error_rate {report.max_error_rate:.2%}); "
-              f"see {report.outputs['dead_letters']}-*.parquet", file=sys.stderr)
-        return EXIT_TOO_MANY_ERRORS
-    return EXIT_OK
+    return job_main(argv, "python -m beam_jobs.predict", __doc__, PredictOptions, run, finish_run)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ trainable hub.KerasLayer encoders under the same head, with a low learning rate 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -29,7 +28,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
-from beam_jobs.embed_corpus import NO_ENCODER, REMOTE_RUNNERS, JobConfigError, _resolve_encoder
+from beam_jobs.embed_corpus import NO_ENCODER, resolve_encoder
+from beam_jobs.launch import EXIT_OK, REMOTE_RUNNERS, JobConfigError, job_main
 from beam_jobs.options import add_flag
 from encoders.hub_module import EncoderSpec
 from schemas import embeddings as cols
@@ -67,7 +67,6 @@ from transforms.tft_features import (
 )
 
 JOB_NAME = "train_classifier"
-EXIT_OK, EXIT_CONFIG = 0, 2
 MODEL_DIR, TRANSFORM_DIR = "model", "transform"
 REPORT_NAME = "training_report.json"
 CONFUSION_MATRIX_PNG, TRAINING_CURVES_PNG = "confusion_matrix.png", "training_curves.png"
@@ -221,9 +220,9 @@ def plan_job(job: TrainClassifierOptions, runner: str | None = None, temp_locati
     for modality, handle, used in (("image", job.image_encoder, use_image), ("text", job.text_encoder, use_text)):
         if used and handle.strip().lower() == NO_ENCODER:
             raise JobConfigError(f"--features {job.features} needs an {modality} encoder, not '{NO_ENCODER}'")
-    image = _resolve_encoder("image", job.image_encoder, None, None, job.image_size,
+    image = resolve_encoder("image", job.image_encoder, None, None, job.image_size,
                              job.encoder_cache_dir) if use_image else None
-    text = _resolve_encoder("text", job.text_encoder, None, None, None, job.encoder_cache_dir) if use_text else None
+    text = resolve_encoder("text", job.text_encoder, None, None, None, job.encoder_cache_dir) if use_text else None
     outputs = _check_output(job.output, job.overwrite, fine_tuning=True)
     return TrainPlan("fine_tune", head, outputs, top_k, threshold, input_format=input_format, image=image, text=text)
 
@@ -421,23 +420,14 @@ def format_report(report: TrainingReport) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m beam_jobs.train_classifier",
-                                     description=__doc__.split("\n\n")[0],
-                                     epilog="Any other flag (--runner, --temp_location, ...) goes to Beam.")
-    TrainClassifierOptions._add_argparse_args(parser)
-    parser.parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("hubembed", "encoders"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    try:
-        report = run(argv)
-    except JobConfigError as error:
-        print(f"hubembed: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+def finish_training(report: TrainingReport) -> int:
     print(format_report(report))
     return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(argv, "python -m beam_jobs.train_classifier", __doc__, TrainClassifierOptions, run,
+                    finish_training)
 
 
 if __name__ == "__main__":

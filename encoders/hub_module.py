@@ -49,8 +49,11 @@ class EncoderSpec:
         return self.to_json()
 
 
-def _keras_layer(spec: EncoderSpec):
-    kwargs = {}
+def keras_layer(spec: EncoderSpec, trainable: bool = False, name: str | None = None) -> hub.KerasLayer:
+    """The module as a Keras layer, called the way the spec says (signature, output key); trainable to fine-tune."""
+    kwargs = {"trainable": trainable}
+    if name:
+        kwargs["name"] = name
     if spec.signature:
         kwargs["signature"] = spec.signature
         kwargs["signature_outputs_as_dict"] = spec.output_key is None
@@ -99,7 +102,7 @@ def probe_encoder(spec: EncoderSpec, image_size_flag: int | None = None) -> Enco
     a module that does not take the modality's input, or an output that is not a [B, d] float tensor.
     """
     try:
-        layer = _keras_layer(spec)
+        layer = keras_layer(spec)
     except Exception as error:  # hub raises many kinds (OSError, ValueError, NotFoundError, HTTP errors)
         raise EncoderConfigError(f"cannot load {spec.modality} encoder {spec.handle!r}: {_one_line(error)}") from error
     image_size = None
@@ -135,7 +138,7 @@ class LoadedEncoder:
         self.spec = spec
         self.device = device
         with tf.device(device):
-            layer = _keras_layer(spec)
+            layer = keras_layer(spec)
         if spec.modality == "image":
             input_signature = [tf.TensorSpec([None, spec.image_size, spec.image_size, 3], tf.float32)]
         else:

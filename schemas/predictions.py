@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import ClassVar
 
 import pyarrow as pa
 
 from schemas.embeddings import META_PREFIX
+from schemas.report import RunReport
 
 ID = "id"
 PREDICTED_LABEL = "predicted_label"
@@ -53,29 +55,10 @@ def predictions_schema(metadata: Mapping[str, str] | None = None) -> pa.Schema:
 
 
 @dataclasses.dataclass
-class PredictRunReport:
+class PredictRunReport(RunReport):
     """The predict job's `run_report.json`: the embedding job's report with rows predicted in place of embedded."""
 
-    job: str
-    read: int
-    predicted: int
-    dead_lettered: int
-    dead_lettered_by_reason: dict[str, int]
-    seconds: float
-    rows_per_second: float
-    error_rate: float
-    max_error_rate: float
-    outputs: dict[str, str]
-    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    OUTPUT_NAME: ClassVar[str] = "predicted"
+    OUTPUT_COUNTER: ClassVar[str] = "records_predicted"
 
-    @property
-    def reconciled(self) -> bool:
-        """Every row read ended in exactly one place."""
-        return self.read == self.predicted + self.dead_lettered
-
-    @property
-    def passed(self) -> bool:
-        return self.reconciled and self.error_rate <= self.max_error_rate
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "reconciled": self.reconciled, "passed": self.passed}
+    predicted: int = 0

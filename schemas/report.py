@@ -1,15 +1,20 @@
-"""The run report (`run_report.json` beside the embeddings): what a run read, embedded and dead-lettered."""
+"""The run report (`run_report.json` beside a job's output): what a run read, wrote and dead-lettered."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 
 @dataclasses.dataclass
 class RunReport:
+    """Common to the row-in, row-out jobs; a subclass names what a row of its main output is (embedded, ...)."""
+
+    OUTPUT_NAME: ClassVar[str]  # the JSON key and console label of the main output's row count
+    OUTPUT_COUNTER: ClassVar[str]  # the Beam counter (namespace "hubembed") that counts those rows
+
     job: str
     read: int
-    embedded: int
     dead_lettered: int
     dead_lettered_by_reason: dict[str, int]
     seconds: float
@@ -20,9 +25,13 @@ class RunReport:
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
+    def output_rows(self) -> int:
+        return getattr(self, self.OUTPUT_NAME)
+
+    @property
     def reconciled(self) -> bool:
         """Every record read ended in exactly one place."""
-        return self.read == self.embedded + self.dead_lettered
+        return self.read == self.output_rows + self.dead_lettered
 
     @property
     def passed(self) -> bool:
@@ -30,3 +39,13 @@ class RunReport:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "reconciled": self.reconciled, "passed": self.passed}
+
+
+@dataclasses.dataclass
+class EmbedRunReport(RunReport):
+    """The embedding job's report: `read == embedded + dead_lettered`."""
+
+    OUTPUT_NAME: ClassVar[str] = "embedded"
+    OUTPUT_COUNTER: ClassVar[str] = "records_embedded"
+
+    embedded: int = 0

@@ -1,9 +1,11 @@
 """Tiny TF Hub-format (reusable TF2 SavedModel) encoders for fast, offline tests.
 
 They follow the Reusable SavedModel API that `hub.KerasLayer` expects: `__call__(inputs, training=False)`,
-`variables`, `trainable_variables` and `regularization_losses`, so `hub.KerasLayer(path, trainable=True)`
-fine-tunes them. They are deterministic (fixed seeds) and small, but real: the image one responds to colour and
-layout, the text one to the words, so a classifier can learn from their outputs.
+`variables`, `trainable_variables` and `regularization_losses`. They are deterministic (fixed seeds) and small, but
+real: the image one responds to colour and layout, the text one to the words, so a classifier can learn from their
+outputs. The text one and the `differentiable` image one fine-tune under `hub.KerasLayer(path, trainable=True)`;
+the default image one pools with an area resize, an op TensorFlow has no gradient for, which is how a real module
+that cannot be fine-tuned behaves.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ TEXT_BUCKETS = 97
 class TinyImageEncoder(tf.Module):
     """[B, H, W, 3] float32 in [0, 1] → [B, 8]: mean colour of each image quadrant through a dense layer."""
 
-    def __init__(self, size: int | None):
+    def __init__(self, size: int | None, differentiable: bool = False):
         super().__init__()
         rng = np.random.RandomState(7)
         self.kernel = tf.Variable(rng.normal(size=(12, IMAGE_DIM)).astype("float32"), name="kernel")
@@ -29,7 +31,11 @@ class TinyImageEncoder(tf.Module):
 
         @tf.function(input_signature=[spec, tf.TensorSpec([], tf.bool)])
         def call(images, training=False):
-            quadrants = tf.image.resize(images, [2, 2], method="area")  # [B, 2, 2, 3]
+            if differentiable:  # the same quadrant means, from ops that have gradients (needs an even, fixed size)
+                half = size // 2
+                quadrants = tf.reduce_mean(tf.reshape(images, [-1, 2, half, 2, half, 3]), axis=[2, 4])
+            else:
+                quadrants = tf.image.resize(images, [2, 2], method="area")  # [B, 2, 2, 3]
             return tf.matmul(tf.reshape(quadrants, [-1, 12]), self.kernel) + self.bias
 
         self.__call__ = call
@@ -80,8 +86,8 @@ def save(module: tf.Module, path: str) -> str:
     return path
 
 
-def build_image_encoder(path: str, size: int | None = 32) -> str:
-    return save(TinyImageEncoder(size), path)
+def build_image_encoder(path: str, size: int | None = 32, differentiable: bool = False) -> str:
+    return save(TinyImageEncoder(size, differentiable), path)
 
 
 def build_text_encoder(path: str) -> str:

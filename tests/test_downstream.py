@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from beam_jobs import embed_corpus, predict, train_classifier
+from beam_jobs import embed_corpus, launch, predict, train_classifier
 from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas import predictions as pred
@@ -231,8 +231,8 @@ def test_predict_dead_letters_bad_rows_and_reconciles(frozen_runs, embeddings, t
     # Above --max_error_rate: the same run fails with exit 1 and says where the dead letters are.
     capsys.readouterr()
     code = predict.main(["--input", source, "--model", model, "--output", output, "--overwrite"])
-    assert code == predict.EXIT_TOO_MANY_ERRORS
-    assert "3 of 40 rows were dead-lettered" in capsys.readouterr().err
+    assert code == launch.EXIT_TOO_MANY_ERRORS
+    assert "3 of 40 records were dead-lettered" in capsys.readouterr().err
 
 
 def test_predict_refuses_input_of_other_encoders(frozen_runs, embeddings, tmp_path, capsys):
@@ -243,7 +243,7 @@ def test_predict_refuses_input_of_other_encoders(frozen_runs, embeddings, tmp_pa
     source = write_variant(table.replace_schema_metadata(metadata), tmp_path / "other")
     code = predict.main(["--input", source, "--model", os.path.join(frozen_runs["both"]["output"], "model"),
                          "--output", str(tmp_path / "out")])
-    assert code == predict.EXIT_CONFIG
+    assert code == launch.EXIT_CONFIG
     err = one_line_error(capsys)
     assert "other encoders" in err and cols.META_TEXT_ENCODER in err
     assert not os.path.exists(str(tmp_path / "out" / predict.REPORT_NAME))
@@ -261,7 +261,7 @@ def test_train_refuses_files_of_mixed_encoders(embeddings, tmp_path, capsys):
     write_variant(table.slice(0, 300), folder, "embeddings-00000-of-00002.parquet")
     write_variant(table.slice(300).replace_schema_metadata(metadata), folder, "embeddings-00001-of-00002.parquet")
     code = train_classifier.main(["--input", embeddings_glob(str(folder)), "--output", str(tmp_path / "out")])
-    assert code == train_classifier.EXIT_CONFIG
+    assert code == launch.EXIT_CONFIG
     err = one_line_error(capsys)
     assert "embeddings-00001-of-00002.parquet was embedded with other encoders" in err
     assert cols.META_IMAGE_ENCODER in err
@@ -271,7 +271,7 @@ def test_train_refuses_files_without_label_column(embeddings, tmp_path, capsys):
     table = read_embeddings_table(embeddings).drop_columns([cols.LABEL])
     source = write_variant(table, tmp_path / "nolabel")
     code = train_classifier.main(["--input", source, "--output", str(tmp_path / "out")])
-    assert code == train_classifier.EXIT_CONFIG
+    assert code == launch.EXIT_CONFIG
     assert "has no label column" in one_line_error(capsys)
 
 
@@ -283,14 +283,14 @@ def test_train_refuses_files_without_label_column(embeddings, tmp_path, capsys):
 ])
 def test_train_misconfiguration_fails_in_one_line(embeddings, tmp_path, capsys, argv, message):
     base = ["--input", embeddings_glob(embeddings), "--output", str(tmp_path / "out")]
-    assert train_classifier.main(base + argv) == train_classifier.EXIT_CONFIG
+    assert train_classifier.main(base + argv) == launch.EXIT_CONFIG
     assert message in one_line_error(capsys)
 
 
 def test_train_refuses_to_overwrite_without_flag(frozen_runs, embeddings, capsys):
     code = train_classifier.main(["--input", embeddings_glob(embeddings), "--output", frozen_runs["text"]["output"],
                                   "--features", "text"])
-    assert code == train_classifier.EXIT_CONFIG
+    assert code == launch.EXIT_CONFIG
     assert "pass --overwrite" in one_line_error(capsys)
 
 
@@ -354,46 +354,25 @@ def test_top_k_labels_and_balanced_class_weights(embeddings, tmp_path):
 def test_label_limits_that_leave_no_classifier_fail_in_one_line(embeddings, tmp_path, capsys):
     code = train_classifier.main(["--input", embeddings_glob(embeddings), "--output", str(tmp_path / "out"),
                                   "--label_frequency_threshold", str(CORPUS_ROWS), *FAST])
-    assert code == train_classifier.EXIT_CONFIG
+    assert code == launch.EXIT_CONFIG
     assert "the training split has 0 label(s)" in one_line_error(capsys)
 
 
 # --- fine-tune mode --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def differentiable_area_resize():
-    """The fixture image encoder pools quadrants with tf.image.resize(method="area"), whose ResizeArea op has no
-    registered gradient, so TensorFlow cannot differentiate the module (even w.r.t. its own kernel: a restored
-    function's gradient is built for all its inputs). The op only touches the input pixels, so declaring it
-    non-differentiable is exact here. The registration is process-wide and permanent, hence the KeyError guard.
-    """
-    try:
-        tf.no_gradient("ResizeArea")
-    except KeyError:  # registered by an earlier test of this process
-        pass
-
-
 def test_fine_tune_names_an_encoder_that_cannot_be_trained(fixture_encoders, sample_corpus, tmp_path, capsys):
-    if "ResizeArea" in _registered_gradients():
-        pytest.skip("ResizeArea was declared non-differentiable earlier in this process")
     code = train_classifier.main(["--fine_tune", "--input", sample_corpus, "--output", str(tmp_path / "out"),
                                   "--features", "image", "--image_encoder", fixture_encoders["image"], *FAST])
-    assert code == train_classifier.EXIT_CONFIG
+    assert code == launch.EXIT_CONFIG
     assert "cannot fine-tune the encoders: LookupError: No gradient defined for operation" in one_line_error(capsys)
 
 
-def _registered_gradients() -> set[str]:
-    from tensorflow.python.framework import ops
-
-    return set(ops._gradient_registry.list())
-
-
 def test_fine_tune_trains_the_encoders_and_reports_in_the_same_form(fixture_encoders, sample_corpus, frozen_runs,
-                                                                    differentiable_area_resize, tmp_path):
+                                                                    tmp_path):
     output = str(tmp_path / "fine_tuned")
     code = train_classifier.main(["--fine_tune", "--input", sample_corpus, "--output", output, "--features", "both",
-                                  "--image_encoder", fixture_encoders["image"], "--text_encoder",
+                                  "--image_encoder", fixture_encoders["image_trainable"], "--text_encoder",
                                   fixture_encoders["text"], "--epochs", "2", "--patience", "2", *SPLIT_FLAGS])
     assert code == 0
     with open(os.path.join(output, train_classifier.REPORT_NAME)) as handle:
@@ -424,5 +403,5 @@ def test_fine_tune_trains_the_encoders_and_reports_in_the_same_form(fixture_enco
 def test_predict_refuses_a_local_model_on_a_cluster_runner(frozen_runs, embeddings, tmp_path, capsys):
     code = predict.main(["--input", embeddings_glob(embeddings), "--model", os.path.join(frozen_runs["both"]["output"],
                          "model"), "--output", str(tmp_path / "out"), "--runner", "DataflowRunner"])
-    assert code == predict.EXIT_CONFIG
+    assert code == launch.EXIT_CONFIG
     assert "is a local folder that DataflowRunner workers cannot read" in one_line_error(capsys)

@@ -13,11 +13,12 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from schemas.records import DeadLetter, Record
+from schemas.report import EmbedRunReport
 
 DEAD_LETTER_TAG = "dead_letters"
 METRICS_NAMESPACE = "hubembed"
 RECORDS_READ = "records_read"
-RECORDS_EMBEDDED = "records_embedded"
+RECORDS_EMBEDDED = EmbedRunReport.OUTPUT_COUNTER
 DEAD_LETTERED = "dead_lettered"
 DEAD_LETTER_REASON_PREFIX = "dead_letter."
 

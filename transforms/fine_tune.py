@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from encoders.hub_module import EncoderSpec
+from encoders.hub_module import EncoderSpec, keras_layer
 from encoders.runtime import hub, tf, tf_keras
 from schemas import embeddings as cols
 from schemas.records import Record
@@ -101,17 +101,6 @@ def model_inputs(table: pa.Table, image_size: int | None, use_image: bool, use_t
     return inputs
 
 
-def trainable_encoder(spec: EncoderSpec) -> hub.KerasLayer:
-    """The encoder as the embedding job calls it (signature, output key), with its variables trainable."""
-    kwargs = {}
-    if spec.signature:
-        kwargs["signature"] = spec.signature
-        kwargs["signature_outputs_as_dict"] = spec.output_key is None
-    if spec.output_key:
-        kwargs["output_key"] = spec.output_key
-    return hub.KerasLayer(spec.handle, trainable=True, name=f"{spec.modality}_encoder", **kwargs)
-
-
 def build_fine_tune_model(image: EncoderSpec | None, text: EncoderSpec | None, n_classes: int,
                           head: HeadConfig, train_inputs: dict[str, np.ndarray]) -> tf_keras.Model:
     """image → hub.KerasLayer(trainable) and/or text → hub.KerasLayer(trainable), masked, concatenated,
@@ -124,7 +113,7 @@ def build_fine_tune_model(image: EncoderSpec | None, text: EncoderSpec | None, n
         shape = (spec.image_size, spec.image_size, 3) if name == IMAGE_INPUT else ()
         inputs[name] = tf_keras.Input(shape=shape, dtype=tf.float32 if name == IMAGE_INPUT else tf.string, name=name)
         inputs[mask_name] = tf_keras.Input(shape=(1,), dtype=tf.float32, name=mask_name)
-        encoder = trainable_encoder(spec)
+        encoder = keras_layer(spec, trainable=True, name=f"{spec.modality}_encoder")
         parts.append(encoder(inputs[name]) * inputs[mask_name])
         masks.append(inputs[mask_name])
     vector = tf_keras.layers.Concatenate(name="embedding")(parts) if len(parts) > 1 else parts[0]

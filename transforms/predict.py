@@ -22,17 +22,13 @@ from schemas import predictions as pred
 from schemas.records import DeadLetter
 from schemas.training import ModelInfo
 from transforms.dead_letters import (
-    DEAD_LETTER_REASON_PREFIX,
     DEAD_LETTER_TAG,
-    DEAD_LETTERED,
     METRICS_NAMESPACE,
-    RECORDS_READ,
     route,
 )
 from transforms.embeddings_input import MASK_OF, iter_tables
-from transforms.report import counters
 
-RECORDS_PREDICTED = "records_predicted"
+RECORDS_PREDICTED = pred.PredictRunReport.OUTPUT_COUNTER
 
 
 @dataclasses.dataclass
@@ -170,31 +166,3 @@ class ScoreEmbeddings(beam.PTransform):
                    .with_outputs(DEAD_LETTER_TAG, main="predictions"))
         dead = (unusable, outputs[DEAD_LETTER_TAG]) | "MergeDeadLetters" >> beam.Flatten()
         return outputs.predictions, dead
-
-
-def build_predict_report(job: str, result, seconds: float, max_error_rate: float, outputs: dict[str, str],
-                         metadata: dict[str, str]) -> pred.PredictRunReport:
-    """The run report from Beam's counters (the same counters and reasons as the embedding job's report)."""
-    totals = counters(result)
-    read, dead = totals.get(RECORDS_READ, 0), totals.get(DEAD_LETTERED, 0)
-    return pred.PredictRunReport(
-        job=job, read=read, predicted=totals.get(RECORDS_PREDICTED, 0), dead_lettered=dead,
-        dead_lettered_by_reason={name[len(DEAD_LETTER_REASON_PREFIX):]: value for name, value in sorted(totals.items())
-                                 if name.startswith(DEAD_LETTER_REASON_PREFIX)},
-        seconds=round(seconds, 3), rows_per_second=round(read / seconds, 2) if seconds > 0 else 0.0,
-        error_rate=round(dead / read, 6) if read else 0.0, max_error_rate=max_error_rate, outputs=outputs,
-        metadata=metadata)
-
-
-def format_predict_report(report: pred.PredictRunReport) -> str:
-    rows = [("read", report.read), ("predicted", report.predicted), ("dead-lettered", report.dead_lettered)]
-    rows += [(f"  {reason}", count) for reason, count in report.dead_lettered_by_reason.items()]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{report.job}: run report"] + [f"  {name:<{width}}  {count:>10,}" for name, count in rows]
-    lines.append(f"  {'time':<{width}}  {report.seconds:>9.1f}s   ({report.rows_per_second:,.1f} rows/s)")
-    lines.append(f"  {'error rate':<{width}}  {report.error_rate:>10.2%}   (max {report.max_error_rate:.2%})")
-    if not report.reconciled:
-        lines.append(f"  COUNTS DO NOT ADD UP: read {report.read} != predicted + dead-lettered "
-                     f"{report.predicted + report.dead_lettered}")
-    lines += [f"  {name}: {path}" for name, path in report.outputs.items()]
-    return "\n".join(lines)

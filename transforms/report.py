@@ -6,21 +6,17 @@ import json
 import logging
 import threading
 import time
+from typing import TypeVar
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.utils import shared
 
 from schemas.report import RunReport
-from transforms.dead_letters import (
-    DEAD_LETTER_REASON_PREFIX,
-    DEAD_LETTERED,
-    METRICS_NAMESPACE,
-    RECORDS_EMBEDDED,
-    RECORDS_READ,
-)
+from transforms.dead_letters import DEAD_LETTER_REASON_PREFIX, DEAD_LETTERED, METRICS_NAMESPACE, RECORDS_READ
 
 log = logging.getLogger("hubembed")
+ReportT = TypeVar("ReportT", bound=RunReport)
 
 
 class _ProgressCounts:
@@ -76,13 +72,15 @@ def counters(result) -> dict[str, int]:
     return totals
 
 
-def build_report(job: str, result, seconds: float, max_error_rate: float, outputs: dict[str, str],
-                 metadata: dict[str, str] | None = None) -> RunReport:
+def build_report(report_class: type[ReportT], job: str, result, seconds: float, max_error_rate: float,
+                 outputs: dict[str, str], metadata: dict[str, str] | None = None) -> ReportT:
+    """A job's run report from its counters: records read, its main output's rows, dead letters by reason."""
     totals = counters(result)
     read = totals.get(RECORDS_READ, 0)
     dead = totals.get(DEAD_LETTERED, 0)
-    return RunReport(
-        job=job, read=read, embedded=totals.get(RECORDS_EMBEDDED, 0), dead_lettered=dead,
+    output_rows = {report_class.OUTPUT_NAME: totals.get(report_class.OUTPUT_COUNTER, 0)}
+    return report_class(
+        job=job, read=read, dead_lettered=dead, **output_rows,
         dead_lettered_by_reason={name[len(DEAD_LETTER_REASON_PREFIX):]: value for name, value in sorted(totals.items())
                                  if name.startswith(DEAD_LETTER_REASON_PREFIX)},
         seconds=round(seconds, 3), rows_per_second=round(read / seconds, 2) if seconds > 0 else 0.0,
@@ -98,14 +96,14 @@ def write_report(report: RunReport, path: str) -> None:
 
 def format_report(report: RunReport) -> str:
     """The short console table."""
-    rows = [("read", report.read), ("embedded", report.embedded), ("dead-lettered", report.dead_lettered)]
+    rows = [("read", report.read), (report.OUTPUT_NAME, report.output_rows), ("dead-lettered", report.dead_lettered)]
     rows += [(f"  {reason}", count) for reason, count in report.dead_lettered_by_reason.items()]
     width = max(len(name) for name, _ in rows)
     lines = [f"{report.job}: run report"] + [f"  {name:<{width}}  {count:>10,}" for name, count in rows]
     lines.append(f"  {'time':<{width}}  {report.seconds:>9.1f}s   ({report.rows_per_second:,.1f} rows/s)")
     lines.append(f"  {'error rate':<{width}}  {report.error_rate:>10.2%}   (max {report.max_error_rate:.2%})")
     if not report.reconciled:
-        lines.append(f"  COUNTS DO NOT ADD UP: read {report.read} != embedded + dead-lettered "
-                     f"{report.embedded + report.dead_lettered}")
+        lines.append(f"  COUNTS DO NOT ADD UP: read {report.read} != {report.OUTPUT_NAME} + dead-lettered "
+                     f"{report.output_rows + report.dead_lettered}")
     lines += [f"  {name}: {path}" for name, path in report.outputs.items()]
     return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""What every job's entry point shares: its flags on the command line, logging, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from apache_beam.io.filesystems import FileSystems
+
+from schemas.report import RunReport
+from transforms.report import format_report
+from transforms.write import PARQUET_SUFFIX
+
+EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
+# Runners whose workers never share the launcher's disk. Flink, Spark and Portable runners can run on this machine
+# (a local job server, an embedded cluster), so a local folder is left for them to judge.
+REMOTE_RUNNERS = ("DataflowRunner",)
+# Runners whose workers are processes of this machine: what the launcher sees (a GPU) is what they see.
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+
+ReportT = TypeVar("ReportT")
+
+
+class JobConfigError(ValueError):
+    """Misconfiguration found at start; the message is one line, fit for the console."""
+
+
+def job_main(argv: list[str] | None, prog: str, doc: str, options_class: type,
+             run: Callable[[list[str]], ReportT], finish: Callable[[ReportT], int]) -> int:
+    """Parse (for --help and flag types), log, run; a JobConfigError is one `hubembed: error:` line and exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                     epilog="Any other flag (--runner, --project, --region, ...) goes to Beam.")
+    options_class._add_argparse_args(parser)
+    parser.parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("hubembed", "encoders"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        report = run(argv)
+    except JobConfigError as error:
+        print(f"hubembed: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    return finish(report)
+
+
+def finish_run(report: RunReport) -> int:
+    """Print the run report; exit 1 when the counts do not add up or the dead letters pass --max_error_rate."""
+    print(format_report(report))
+    if not report.reconciled:
+        print(f"hubembed: error: {report.read} records read but {report.output_rows} {report.OUTPUT_NAME} + "
+              f"{report.dead_lettered} dead-lettered: the runner lost or duplicated records", file=sys.stderr)
+        return EXIT_TOO_MANY_ERRORS
+    if not report.passed:
+        print(f"hubembed: error: {report.dead_lettered} of {report.read} records were dead-lettered "
+              f"({report.error_rate:.2%} > --max_error_rate {report.max_error_rate:.2%}); "
+              f"see {report.outputs['dead_letters']}", file=sys.stderr)
+        return EXIT_TOO_MANY_ERRORS
+    return EXIT_OK
+
+
+def claim_output(output: str, parquet_outputs: dict[str, str], report_name: str,
+                 overwrite: bool) -> dict[str, str]:
+    """The output folder's paths, {name: Parquet file prefix, ..., "report": path}, for a new run.
+
+    An earlier run's files there are refused in one line, or deleted with --overwrite, so that a rerun with another
+    shard count never leaves the old run's shards beside the new ones.
+    """
+    outputs = {name: FileSystems.join(output, prefix) for name, prefix in parquet_outputs.items()}
+    outputs["report"] = FileSystems.join(output, report_name)
+    patterns = [path + "-*" + PARQUET_SUFFIX for path in outputs.values() if path != outputs["report"]]
+    earlier = [m.path for result in FileSystems.match([*patterns, outputs["report"]]) for m in result.metadata_list]
+    if earlier and not overwrite:
+        raise JobConfigError(f"{output} already holds a run's output ({len(earlier)} files): "
+                             "pass --overwrite to replace it, or write to a new folder")
+    if earlier:
+        FileSystems.delete(earlier)
+    if not FileSystems.exists(output):
+        FileSystems.mkdirs(output)
+    return outputs
+
+
+def written_files(outputs: dict[str, str]) -> dict[str, str]:
+    """What the run report names: the Parquet outputs as globs of their shards, the report as it is."""
+    return {name: path if name == "report" else path + "-*" + PARQUET_SUFFIX for name, path in outputs.items()}
