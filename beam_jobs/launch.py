@@ -73,14 +73,20 @@ def claim_output(output: str, parquet_outputs: dict[str, str], report_name: str,
     outputs["report"] = FileSystems.join(output, report_name)
     patterns = [path + "-*" + PARQUET_SUFFIX for path in outputs.values() if path != outputs["report"]]
     earlier = [m.path for result in FileSystems.match([*patterns, outputs["report"]]) for m in result.metadata_list]
+    clear_earlier_run(output, earlier, overwrite)
+    return outputs
+
+
+def clear_earlier_run(output: str, earlier: list[str], overwrite: bool) -> None:
+    """Refuse an output folder holding `earlier` (a previous run's files and folders), or delete them with
+    --overwrite; then make sure the folder exists."""
     if earlier and not overwrite:
-        raise JobConfigError(f"{output} already holds a run's output ({len(earlier)} files): "
+        raise JobConfigError(f"{output} already holds a run's output ({len(earlier)} files or folders): "
                              "pass --overwrite to replace it, or write to a new folder")
     if earlier:
         FileSystems.delete(earlier)
     if not FileSystems.exists(output):
         FileSystems.mkdirs(output)
-    return outputs
 
 
 def written_files(outputs: dict[str, str]) -> dict[str, str]:

@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
 from beam_jobs.embed_corpus import NO_ENCODER, resolve_encoder
-from beam_jobs.launch import EXIT_OK, REMOTE_RUNNERS, JobConfigError, job_main
+from beam_jobs.launch import EXIT_OK, REMOTE_RUNNERS, JobConfigError, clear_earlier_run, job_main
 from beam_jobs.options import add_flag
 from encoders.hub_module import EncoderSpec
 from schemas import embeddings as cols
@@ -155,13 +155,7 @@ def _check_output(output: str, overwrite: bool, fine_tuning: bool) -> dict[str, 
     earlier = [path for name, path in outputs.items() if name != "dead_letters" and FileSystems.exists(path)]
     earlier += [m.path for r in FileSystems.match([FileSystems.join(output, DEAD_LETTERS_PREFIX) + "-*"])
                 for m in r.metadata_list]
-    if earlier and not overwrite:
-        raise JobConfigError(f"{output} already holds a training run's output ({len(earlier)} entries): "
-                             "pass --overwrite to replace it, or write to a new folder")
-    if earlier:
-        FileSystems.delete(earlier)
-    if not FileSystems.exists(output):
-        FileSystems.mkdirs(output)
+    clear_earlier_run(output, earlier, overwrite)
     return outputs
 
 
