@@ -9,6 +9,7 @@ unlabeled rows, poisoned vectors) with pyarrow, keeping the embedding job's sche
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from beam_jobs import embed_corpus, launch, predict, train_classifier
 from encoders.runtime import tf
@@ -398,6 +400,17 @@ def test_fine_tune_trains_the_encoders_and_reports_in_the_same_form(fixture_enco
                                                   text=tf.constant([rows[t["id"]]["text"] for t in tested]))
     assert [label.decode() for label in outputs["predicted_label"].numpy()] == [t["predicted_label"] for t in tested]
     np.testing.assert_allclose(outputs["probability"].numpy(), [t["probability"] for t in tested], atol=1e-4)
+    # Serving decodes every format the embedding job takes, as training did: the same pixels as PNG and as
+    # lossless WebP score the same.
+    pixels = Image.open(io.BytesIO(images[0])).convert("RGB")
+    encoded = {}
+    for fmt, options in (("PNG", {}), ("WEBP", {"lossless": True})):
+        buffer = io.BytesIO()
+        pixels.save(buffer, format=fmt, **options)
+        encoded[fmt] = model.signatures["serving_default"](
+            image_bytes=tf.constant([buffer.getvalue()]), text=tf.constant([rows[tested[0]["id"]]["text"]]))
+    np.testing.assert_allclose(encoded["WEBP"]["probabilities"].numpy(), encoded["PNG"]["probabilities"].numpy(),
+                               atol=1e-6)
 
 
 def test_predict_refuses_a_local_model_on_a_cluster_runner(frozen_runs, embeddings, tmp_path, capsys):

@@ -52,15 +52,23 @@ class Encoders:
         self.decode_image = make_image_decoder(config.image.image_size) if config.image else None
 
 
+def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
+    """One encoded image (a scalar string tensor) → [size, size, 3] float32 in [0, 1], in graph ops.
+
+    JPEG/PNG/GIF (first frame)/BMP/WebP, grey and RGBA made RGB. The one decoder of the project: the embed step
+    and the fine-tuned serving model both call it, so serving sees the pixels training saw.
+    """
+    # Decode to uint8 and convert after: TF's WebP decoder refuses a float32 dtype (the /255 is the same).
+    image = tf.image.convert_image_dtype(tf.io.decode_image(data, channels=3, expand_animations=False), tf.float32)
+    return tf.clip_by_value(tf.image.resize(image, [size, size], method="bilinear"), 0.0, 1.0)
+
+
 def make_image_decoder(size: int):
-    """bytes → [size, size, 3] float32 in [0, 1]: JPEG/PNG/GIF (first frame)/BMP/WebP, grey and RGBA made RGB."""
+    """bytes → [size, size, 3] float32 in [0, 1] (decode_and_resize as one traced function, for eager callers)."""
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
     def decode(data):
-        # Decode to uint8 and convert after: TF's WebP decoder refuses a float32 dtype (the /255 is the same).
-        image = tf.image.convert_image_dtype(tf.io.decode_image(data, channels=3, expand_animations=False),
-                                             tf.float32)
-        return tf.clip_by_value(tf.image.resize(image, [size, size], method="bilinear"), 0.0, 1.0)
+        return decode_and_resize(data, size)
 
     return decode
 

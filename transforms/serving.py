@@ -24,6 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 from encoders.runtime import tf, tf_keras
 from schemas import embeddings as cols
 from schemas.training import MODEL_INFO_NAME, SERVING_SIGNATURE, ModelInfo
+from transforms.embed import decode_and_resize
 from transforms.embeddings_input import MASK_OF
 from transforms.tft_features import FEATURES, MODALITY_MASK, vector_columns
 
@@ -90,14 +91,9 @@ class FineTunedModel(tf.Module):
         self.label_vocabulary = tf.function(lambda: {"labels": self.labels}, input_signature=[])
 
     def _decode_one(self, data: tf.Tensor) -> tf.Tensor:
-        # As transforms.embed.make_image_decoder does it, so serving sees the pixels the training saw.
         size = self.image_size
-
-        def decode():
-            image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.float32)
-            return tf.clip_by_value(tf.image.resize(image, [size, size], method="bilinear"), 0.0, 1.0)
-
-        return tf.cond(tf.strings.length(data) > 0, decode, lambda: tf.zeros([size, size, 3], tf.float32))
+        return tf.cond(tf.strings.length(data) > 0, lambda: decode_and_resize(data, size),
+                       lambda: tf.zeros([size, size, 3], tf.float32))
 
     def _serve(self, inputs: dict) -> dict:
         model_inputs = {}
