@@ -21,6 +21,7 @@ def fixture_encoders(tmp_path_factory) -> dict[str, str]:
         "image_trainable": fixture_models.build_image_encoder(str(root / "image_trainable"), differentiable=True),
         "text": fixture_models.build_text_encoder(str(root / "text")),
         "bad_rank": fixture_models.build_bad_rank_encoder(str(root / "bad_rank")),
+        "poisoned_text": fixture_models.build_poisoned_text_encoder(str(root / "poisoned_text")),
     }
 
 

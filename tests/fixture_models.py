@@ -61,6 +61,24 @@ class TinyTextEncoder(tf.Module):
         self.__call__ = call
 
 
+class PoisonedTextEncoder(TinyTextEncoder):
+    """TinyTextEncoder that fails (InvalidArgumentError) on any batch holding the text POISON: a model that
+    chokes on one input, for the batch-then-one-by-one fallback."""
+
+    POISON = "poison pill"
+
+    def __init__(self):
+        super().__init__()
+        embed = self.__call__
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.bool)])
+        def call(texts, training=False):
+            tf.debugging.assert_equal(tf.reduce_any(tf.equal(texts, self.POISON)), False, message="poisoned input")
+            return embed(texts, training)
+
+        self.__call__ = call
+
+
 class BadRankEncoder(tf.Module):
     """[B] tf.string → [B, 2, 3]: not a [B, d] embedding, for the start-up check."""
 
@@ -92,6 +110,10 @@ def build_image_encoder(path: str, size: int | None = 32, differentiable: bool =
 
 def build_text_encoder(path: str) -> str:
     return save(TinyTextEncoder(), path)
+
+
+def build_poisoned_text_encoder(path: str) -> str:
+    return save(PoisonedTextEncoder(), path)
 
 
 def build_bad_rank_encoder(path: str) -> str:

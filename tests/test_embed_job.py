@@ -188,3 +188,38 @@ def test_image_size_comes_from_the_flag_when_the_module_does_not_fix_it(fixture_
     metadata = cols.read_metadata(read_parquet_dir(output, "embeddings").schema)
     assert json.loads(metadata[cols.META_IMAGE_PREPROCESSING])["size"] == [48, 48]
     assert json.loads(metadata[cols.META_IMAGE_ENCODER])["image_size"] == 48
+
+
+def test_a_record_the_encoder_fails_on_is_dead_lettered_alone(fixture_encoders, tmp_path):
+    from tests.fixture_models import PoisonedTextEncoder
+
+    rows = [{"id": f"t{i}", "text": f"harmless text {i}"} for i in range(7)]
+    rows[3]["text"] = PoisonedTextEncoder.POISON
+    manifest = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), rows)
+    output = str(tmp_path / "out")
+    report = run(["--input", manifest, "--output", output, "--image_encoder", "none", "--text_encoder",
+                  fixture_encoders["poisoned_text"], "--batch_size", "8", "--min_batch_size", "8",
+                  "--max_error_rate", "1"])
+    assert (report.read, report.embedded, report.dead_lettered_by_reason) == (7, 6, {"encoder_failed": 1})
+    dead = read_parquet_dir(output, "dead_letters").to_pylist()
+    assert dead[0]["id"] == "t3" and dead[0]["stage"] == "embed" and "poisoned input" in dead[0]["message"]
+    embedded = read_parquet_dir(output, "embeddings")
+    assert sorted(embedded.column("id").to_pylist()) == [f"t{i}" for i in range(7) if i != 3]
+    # The batch-mates embedded one by one equal what the healthy encoder gives them.
+    healthy = run(["--input", manifest, "--output", str(tmp_path / "healthy"), "--image_encoder", "none",
+                   "--text_encoder", fixture_encoders["text"], "--max_error_rate", "1"])
+    assert healthy.embedded == 7
+    reference = {row["id"]: row["embedding"] for row in read_parquet_dir(str(tmp_path / "healthy"),
+                                                                         "embeddings").to_pylist()}
+    for row in embedded.to_pylist():
+        np.testing.assert_allclose(row["embedding"], reference[row["id"]], rtol=1e-6)
+
+
+def test_every_record_failing_alone_fails_the_job(fixture_encoders, tmp_path):
+    from tests.fixture_models import PoisonedTextEncoder
+
+    rows = [{"id": f"p{i}", "text": PoisonedTextEncoder.POISON} for i in range(3)]
+    manifest = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), rows)
+    with pytest.raises(Exception, match="poisoned input"):
+        run(["--input", manifest, "--output", str(tmp_path / "out"), "--image_encoder", "none",
+             "--text_encoder", fixture_encoders["poisoned_text"], "--max_error_rate", "1"])

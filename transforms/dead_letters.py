@@ -7,7 +7,8 @@ only: where records are read, embedded, and dead-lettered.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -58,6 +59,32 @@ class RouteOutputs(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
             else:
                 yield item
+
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+
+def batch_or_one_by_one(items: Sequence[ItemT], run: Callable[[Sequence[ItemT]], ResultT],
+                        ) -> tuple[list[ResultT], list[tuple[ItemT, Exception]]]:
+    """`run(items)` as one batch; if that raises, `run([item])` for each item, and the items that fail alone.
+
+    One poisonous record must not sink its batch (nor, after the runner's retries, the job): the caller
+    dead-letters what fails alone. If every item fails alone, the fault is not the data: the batch's error is
+    raised, for the runner to retry or fail the job.
+    """
+    try:
+        return [run(items)], []
+    except Exception as batch_error:
+        results, failures = [], []
+        for item in items:
+            try:
+                results.append(run([item]))
+            except Exception as error:
+                failures.append((item, error))
+        if not results:
+            raise batch_error
+        return results, failures
 
 
 def route(label: str, pcoll, step_fn, *side_inputs, count_read: bool = False) -> tuple:

@@ -22,7 +22,13 @@ from encoders.hub_module import EncoderSpec, LoadedEncoder
 from encoders.runtime import configure_devices, tf
 from schemas import embeddings as cols
 from schemas.records import DeadLetter, Reason, Record, Stage
-from transforms.dead_letters import DEAD_LETTER_TAG, METRICS_NAMESPACE, RECORDS_EMBEDDED, dead_letter
+from transforms.dead_letters import (
+    DEAD_LETTER_TAG,
+    METRICS_NAMESPACE,
+    RECORDS_EMBEDDED,
+    batch_or_one_by_one,
+    dead_letter,
+)
 from transforms.report import ProgressLog
 
 
@@ -137,7 +143,10 @@ class EmbedBatch(beam.DoFn):
         vectors = encoder(inputs)
         return l2_normalize(vectors) if self._config.l2_normalize else vectors
 
-    def _embed(self, records: list[Record], pixels: list) -> pa.RecordBatch:
+    def _embed(self, items: Sequence[tuple[Record, np.ndarray | None]]) -> pa.RecordBatch:
+        """(record, decoded pixels or None) pairs → one RecordBatch; each model runs once on the batch."""
+        records = [record for record, _ in items]
+        pixels = [pixel for _, pixel in items]
         size = len(records)
         image_vectors = text_vectors = None
         has_image = np.array([p is not None for p in pixels], bool)
@@ -158,18 +167,8 @@ class EmbedBatch(beam.DoFn):
         records, pixels, dead = self._decode_images(batch)
         outputs: list[pa.RecordBatch] = []
         if records:
-            try:
-                outputs.append(self._embed(records, pixels))
-            except Exception as batch_error:
-                # One poisonous record must not sink the batch (nor, after retries, the job): embed one by one
-                # and dead-letter what fails alone. If every record fails alone, the fault is not the data.
-                for record, pixel in zip(records, pixels, strict=True):
-                    try:
-                        outputs.append(self._embed([record], [pixel]))
-                    except Exception as error:
-                        dead.append(dead_letter(record, Stage.EMBED, Reason.ENCODER_FAILED, error))
-                if not outputs:
-                    raise batch_error
+            outputs, failures = batch_or_one_by_one(list(zip(records, pixels, strict=True)), self._embed)
+            dead += [dead_letter(record, Stage.EMBED, Reason.ENCODER_FAILED, error) for (record, _), error in failures]
         embedded = sum(output.num_rows for output in outputs)
         self._embedded.inc(embedded)
         self._progress.add(embedded=embedded)

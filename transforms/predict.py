@@ -21,11 +21,7 @@ from schemas import embeddings as cols
 from schemas import predictions as pred
 from schemas.records import DeadLetter
 from schemas.training import ModelInfo
-from transforms.dead_letters import (
-    DEAD_LETTER_TAG,
-    METRICS_NAMESPACE,
-    route,
-)
+from transforms.dead_letters import DEAD_LETTER_TAG, METRICS_NAMESPACE, batch_or_one_by_one, route
 from transforms.embeddings_input import MASK_OF, iter_tables
 
 RECORDS_PREDICTED = pred.PredictRunReport.OUTPUT_COUNTER
@@ -126,20 +122,10 @@ class PredictBatch(beam.DoFn):
                                 outputs["probability"])
 
     def process(self, batch: list[ScoringRow]) -> Iterator:
-        tables, dead = [], []
-        try:
-            tables.append(self._score(batch))
-        except Exception as batch_error:
-            # As in the embed step: one bad row must not sink the batch; if every row fails alone, it is the model.
-            for row in batch:
-                try:
-                    tables.append(self._score([row]))
-                except Exception as error:
-                    dead.append(_dead(row.id, row.source, pred.PredictReason.MODEL_FAILED,
-                                      str(error).splitlines()[0] if str(error) else type(error).__name__,
-                                      type(error).__name__))
-            if not tables:
-                raise batch_error
+        tables, failures = batch_or_one_by_one(batch, self._score)
+        dead = [_dead(row.id, row.source, pred.PredictReason.MODEL_FAILED,
+                      str(error).splitlines()[0] if str(error) else type(error).__name__, type(error).__name__)
+                for row, error in failures]
         self._predicted.inc(sum(table.num_rows for table in tables))
         yield from tables
         for letter in dead:
