@@ -34,7 +34,7 @@ from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas.report import EmbedRunReport
 from transforms.embed import EmbedConfig, EmbedRecords
-from transforms.prepare import DEFAULT_MAX_IMAGE_PIXELS, PrepareRecords
+from transforms.prepare import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TEXT_CHARS, PrepareRecords
 from transforms.read import INPUT_FORMATS, CorpusConfigError, ReadCorpus, infer_format, match_patterns
 from transforms.report import ProgressLog, build_report, write_report
 from transforms.write import WriteDeadLetters, WriteEmbeddings
@@ -83,6 +83,8 @@ class EmbedCorpusOptions(PipelineOptions):
                            help="exit non-zero when dead letters / records read exceeds this")
         group.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                            help="images with more pixels (from the header) are dead-lettered, never decoded")
+        group.add_argument("--max_text_chars", type=int, default=DEFAULT_MAX_TEXT_CHARS,
+                           help="longer texts are dead-lettered (text_too_long) before any encoder sees them")
         group.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                            help="where the encoders run: the GPU when TensorFlow sees one, or forced")
         for field, default in (("id", "id"), ("image", "image/encoded"), ("text", "text"), ("label", "label")):
@@ -141,10 +143,15 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
         raise JobConfigError("--input is required")
     if not job.output:
         raise JobConfigError("--output is required")
-    if job.batch_size < 1 or job.min_batch_size < 1:
-        raise JobConfigError("--batch_size and --min_batch_size must be at least 1")
+    for flag, value, least in (("--batch_size", job.batch_size, 1), ("--min_batch_size", job.min_batch_size, 1),
+                               ("--num_shards", job.num_shards, 0), ("--max_image_pixels", job.max_image_pixels, 1),
+                               ("--max_text_chars", job.max_text_chars, 1), ("--image_size", job.image_size, 1)):
+        if value is not None and value < least:
+            raise JobConfigError(f"{flag} must be at least {least}, not {value}")
     if not 0.0 <= job.max_error_rate <= 1.0:
         raise JobConfigError("--max_error_rate must be between 0 and 1")
+    if not job.progress_interval >= 0:  # 0 logs every batch
+        raise JobConfigError("--progress_interval must be a number of seconds, at least 0")
     try:
         input_format = infer_format(job.input) if job.input_format == "auto" else job.input_format
         match_patterns(job.input, input_format)
@@ -164,13 +171,16 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
     if job.device == "gpu" and runner in LOCAL_RUNNERS and not tf.config.list_physical_devices("GPU"):
         raise JobConfigError("--device=gpu but TensorFlow sees no GPU on this machine (use --device=auto or cpu)")
     passthrough = tuple(name.strip() for name in job.passthrough.split(",") if name.strip())
+    repeated = sorted({name for name in passthrough if passthrough.count(name) > 1})
+    if repeated:
+        raise JobConfigError(f"--passthrough names a column twice: {', '.join(repeated)}")
     reserved = {cols.ID, cols.LABEL, cols.IMAGE_EMBEDDING, cols.TEXT_EMBEDDING, cols.EMBEDDING, cols.HAS_IMAGE,
                 cols.HAS_TEXT}
     clashing = sorted(reserved.intersection(passthrough))
     if clashing:
         raise JobConfigError(f"--passthrough names output columns of the job itself: {', '.join(clashing)}")
     outputs = claim_output(job.output, {"embeddings": EMBEDDINGS_PREFIX, "dead_letters": DEAD_LETTERS_PREFIX},
-                           REPORT_NAME, job.overwrite)
+                           REPORT_NAME, job.overwrite, JOB_NAME)
     metadata = {
         cols.META_VERSION: _package_version(),
         cols.META_CREATED_AT: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -199,7 +209,8 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
     records, unreadable = pipeline | "ReadCorpus" >> ReadCorpus(job.input, plan.input_format, plan.passthrough,
                                                                 tfrecord_keys)
     prepared, unprepared = records | "PrepareRecords" >> PrepareRecords(
-        use_image=plan.image is not None, use_text=plan.text is not None, max_image_pixels=job.max_image_pixels)
+        use_image=plan.image is not None, use_text=plan.text is not None, max_image_pixels=job.max_image_pixels,
+        max_text_chars=job.max_text_chars)
     embeddings, unembedded = prepared | "EmbedRecords" >> EmbedRecords(
         plan.embed_config, progress, min_batch_size=job.min_batch_size, max_batch_size=job.batch_size)
     embeddings | "WriteEmbeddings" >> WriteEmbeddings(plan.outputs["embeddings"], plan.embed_config.schema,

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import logging
+import os
 import sys
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from schemas.report import RunReport
 from transforms.report import format_report
@@ -36,6 +41,11 @@ def job_main(argv: list[str] | None, prog: str, doc: str, options_class: type,
                                      epilog="Any other flag (--runner, --project, --region, ...) goes to Beam.")
     options_class._add_argparse_args(parser)
     parser.parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
+    try:
+        check_flag_spelling(argv)
+    except JobConfigError as error:
+        print(f"hubembed: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("hubembed", "encoders"):
         logging.getLogger(name).setLevel(logging.INFO)
@@ -45,6 +55,25 @@ def job_main(argv: list[str] | None, prog: str, doc: str, options_class: type,
         print(f"hubembed: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     return finish(report)
+
+
+def check_flag_spelling(argv: list[str]) -> None:
+    """Refuse a flag no options class knows when it is one edit from a known one (`--max_eror_rate`).
+
+    Beam passes unknown flags on (portable runners hand them to the job server) and only warns, so a misspelt
+    flag of ours would silently leave its default in force. A flag close to no known one still passes on.
+    """
+    parsers = []
+    PipelineOptions(argv).get_all_options(add_extra_args_fn=parsers.append)
+    known = sorted({flag for action in parsers[0]._actions for flag in action.option_strings if flag.startswith("--")})
+    _, unknown = parsers[0].parse_known_args(argv)
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.85)
+        if close:
+            raise JobConfigError(f"unknown option {flag}: did you mean {close[0]}?")
 
 
 def finish_run(report: RunReport) -> int:
@@ -62,19 +91,58 @@ def finish_run(report: RunReport) -> int:
     return EXIT_OK
 
 
+GLOB_CHARACTERS = "*?[]{}"
+
+
+def check_output_folder(output: str) -> None:
+    """An output must be one folder we can write: no glob characters (Beam's sinks and deletes would expand them,
+    `--overwrite` on `runs/*` deleting every run), not a file, and writable, all found before any work is done."""
+    if any(ch in output for ch in GLOB_CHARACTERS):
+        raise JobConfigError(f"--output {output!r} holds glob characters ({GLOB_CHARACTERS}): name one folder")
+    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+        raise JobConfigError(f"--output {output!r} is a file, not a folder")
+    probe = FileSystems.join(output, f"_hubembed_write_check_{uuid.uuid4().hex}")
+    try:
+        if not FileSystems.exists(output):
+            FileSystems.mkdirs(output)
+        with FileSystems.create(probe) as handle:
+            handle.write(b"")
+        FileSystems.delete([probe])
+    except Exception as error:  # PermissionError, read-only mounts, BeamIOError with the cause inside
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise JobConfigError(f"cannot write to --output {output!r}: {cause}") from error
+
+
 def claim_output(output: str, parquet_outputs: dict[str, str], report_name: str,
-                 overwrite: bool) -> dict[str, str]:
+                 overwrite: bool, job: str) -> dict[str, str]:
     """The output folder's paths, {name: Parquet file prefix, ..., "report": path}, for a new run.
 
     An earlier run's files there are refused in one line, or deleted with --overwrite, so that a rerun with another
-    shard count never leaves the old run's shards beside the new ones.
+    shard count never leaves the old run's shards beside the new ones. A folder holding another job's output
+    (predict pointed at an embeddings folder) is refused even with --overwrite: that would delete the other
+    job's report and dead letters.
     """
+    check_output_folder(output)
     outputs = {name: FileSystems.join(output, prefix) for name, prefix in parquet_outputs.items()}
     outputs["report"] = FileSystems.join(output, report_name)
+    other_job = _report_job(outputs["report"])
+    if other_job not in (None, job):
+        raise JobConfigError(f"{output} holds the output of {other_job}, not of {job}: write to another folder")
     patterns = [path + "-*" + PARQUET_SUFFIX for path in outputs.values() if path != outputs["report"]]
     earlier = [m.path for result in FileSystems.match([*patterns, outputs["report"]]) for m in result.metadata_list]
     clear_earlier_run(output, earlier, overwrite)
     return outputs
+
+
+def _report_job(report_path: str) -> str | None:
+    """The `job` named by the run report at `report_path`, if there is one."""
+    if not FileSystems.exists(report_path):
+        return None
+    try:
+        with FileSystems.open(report_path) as handle:
+            return json.loads(handle.read()).get("job")
+    except (ValueError, AttributeError):
+        return "an unknown job (its run report does not parse)"
 
 
 def clear_earlier_run(output: str, earlier: list[str], overwrite: bool) -> None:

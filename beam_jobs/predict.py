@@ -96,7 +96,7 @@ def plan_job(job: PredictOptions, runner: str | None = None) -> PredictPlan:
         raise JobConfigError(f"{embeddings.paths[0]} was embedded with other encoders than {job.model} was trained "
                              f"on ({identity_difference(info.encoder_identity, embeddings.identity)})")
     outputs = claim_output(job.output, {"predictions": PREDICTIONS_PREFIX, "dead_letters": DEAD_LETTERS_PREFIX},
-                           REPORT_NAME, job.overwrite)
+                           REPORT_NAME, job.overwrite, JOB_NAME)
     metadata = {pred.META_MODEL: job.model, pred.META_MODEL_INFO: json.dumps(info.to_dict(), sort_keys=True)}
     return PredictPlan(embeddings.paths, info, min(job.top_k, len(info.labels)), metadata, outputs)
 

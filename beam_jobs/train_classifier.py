@@ -29,7 +29,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
 from beam_jobs.embed_corpus import NO_ENCODER, resolve_encoder
-from beam_jobs.launch import EXIT_OK, REMOTE_RUNNERS, JobConfigError, clear_earlier_run, job_main
+from beam_jobs.launch import (
+    EXIT_OK,
+    REMOTE_RUNNERS,
+    JobConfigError,
+    check_output_folder,
+    clear_earlier_run,
+    job_main,
+)
 from beam_jobs.options import add_flag
 from encoders.hub_module import EncoderSpec
 from schemas import embeddings as cols
@@ -141,6 +148,7 @@ class TrainPlan:
 
 
 def _check_output(output: str, overwrite: bool, fine_tuning: bool) -> dict[str, str]:
+    check_output_folder(output)
     outputs = {
         "model": FileSystems.join(output, MODEL_DIR),
         "report": FileSystems.join(output, REPORT_NAME),

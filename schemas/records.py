@@ -48,9 +48,12 @@ class Reason:
     UNREADABLE_ROW = "unreadable_row"  # a manifest line that is not JSON, a TFRecord that is not an Example
     UNSUPPORTED_FILE = "unsupported_file"  # a file in an image folder / shard member that is neither image nor text
     MISSING_ID = "missing_id"
+    INVALID_ID = "invalid_id"  # an id that is not text (a list, object, float, bool) or not valid UTF-8
+    INVALID_FIELD = "invalid_field"  # a field of the wrong type, or a label / passthrough value that is not UTF-8
     DUPLICATE_ID = "duplicate_id"
     NO_MODALITY = "no_modality"  # nothing the configured encoders can embed
     TEXT_NOT_UTF8 = "text_not_utf8"
+    TEXT_TOO_LONG = "text_too_long"  # more characters than --max_text_chars
     IMAGE_MISSING = "image_missing"
     IMAGE_EMPTY = "image_empty"
     NOT_AN_IMAGE = "not_an_image"

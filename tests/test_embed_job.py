@@ -213,13 +213,3 @@ def test_a_record_the_encoder_fails_on_is_dead_lettered_alone(fixture_encoders, 
                                                                          "embeddings").to_pylist()}
     for row in embedded.to_pylist():
         np.testing.assert_allclose(row["embedding"], reference[row["id"]], rtol=1e-6)
-
-
-def test_every_record_failing_alone_fails_the_job(fixture_encoders, tmp_path):
-    from tests.fixture_models import PoisonedTextEncoder
-
-    rows = [{"id": f"p{i}", "text": PoisonedTextEncoder.POISON} for i in range(3)]
-    manifest = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), rows)
-    with pytest.raises(Exception, match="poisoned input"):
-        run(["--input", manifest, "--output", str(tmp_path / "out"), "--image_encoder", "none",
-             "--text_encoder", fixture_encoders["poisoned_text"], "--max_error_rate", "1"])

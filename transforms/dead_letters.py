@@ -24,18 +24,52 @@ DEAD_LETTERED = "dead_lettered"
 DEAD_LETTER_REASON_PREFIX = "dead_letter."
 
 
+def printable(value: str | None) -> str | None:
+    """`value` as a string Parquet and the console accept: bytes that are not UTF-8 (kept by surrogateescape when a
+    file, a name or a manifest held them) become `\\xNN` escapes, so a dead letter can always be written."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _only_escaped_bytes(text) else "backslashreplace").decode(
+            "utf-8", "backslashreplace")
+
+
+def _only_escaped_bytes(text: str) -> bool:
+    """True when every surrogate in `text` is one surrogateescape made from a byte (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(ch) <= 0xDFFF or 0xDC80 <= ord(ch) <= 0xDCFF for ch in text)
+
+
 def dead_letter(record: Record | None, stage: str, reason: str, error: Exception | str,
                 source: str | None = None) -> DeadLetter:
     """A DeadLetter for `record` (or for a `source` that never became a record), from an exception or a message."""
     if isinstance(error, Exception):
-        error_class, message = type(error).__name__, str(error) or type(error).__name__
+        error_class, message = type(error).__name__, telling_message(error)
     else:
         error_class, message = "check", error
     return DeadLetter(
-        id=record.id if record is not None else None,
-        source=record.source if record is not None else (source or "?"),
-        stage=stage, reason=reason, error_class=error_class, message=message[:2000],
+        id=printable(record.id) if record is not None else None,
+        source=printable(record.source if record is not None else (source or "?")),
+        stage=stage, reason=reason, error_class=error_class, message=printable(message)[:2000],
     )
+
+
+def telling_message(error: Exception) -> str:
+    """The message of `error` without TensorFlow's wrapping: TF puts "Graph execution error:" and the traceback of
+    the op's creation first, and what went wrong on a later line; keep that line (and what follows it)."""
+    message = str(error) or type(error).__name__
+    tf_message = getattr(error, "message", None)  # tf.errors.OpError keeps the op's own message here
+    if isinstance(tf_message, str) and tf_message.strip():
+        message = tf_message
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].rstrip(":") in ("Graph execution error", "Exception encountered when calling"):
+        detail = [line for line in lines[1:] if not line.startswith(("Detected at node", "File ", "Traceback",
+                                                                      "[[", "Call arguments", "•", "Stack trace"))]
+        lines = detail or lines
+    return " ".join(lines[:3]) if lines else message
 
 
 class RouteOutputs(beam.DoFn):
@@ -64,27 +98,66 @@ class RouteOutputs(beam.DoFn):
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
+# Errors that say the machine or the model is in trouble, never that one record is bad: out of memory, a device or
+# file system gone, the runtime cancelled. They are raised, for the runner to retry the bundle or fail the job.
+MACHINE_ERROR_NAMES = frozenset({
+    "MemoryError", "ResourceExhaustedError", "UnavailableError", "InternalError", "CancelledError",
+    "DeadlineExceededError", "AbortedError", "DataLossError", "OSError", "SystemError",
+})
+# A record that fails alone is dead-lettered; this many in a row, over however many batches, is the encoder's fault.
+MAX_CONSECUTIVE_FAILURES = 64
+
+
+def is_machine_error(error: BaseException) -> bool:
+    return any(cls.__name__ in MACHINE_ERROR_NAMES for cls in type(error).__mro__)
+
+
+class FailureRun:
+    """Counts records that failed alone in a row, across the batches of one DoFn instance, so a broken encoder
+    is told from bad records even when every batch holds one record (`--batch_size 1`, the last of a bundle)."""
+
+    def __init__(self, limit: int = MAX_CONSECUTIVE_FAILURES):
+        self.limit = limit
+        self.consecutive = 0
+
+    def record(self, failed: bool, error: Exception | None = None) -> None:
+        self.consecutive = self.consecutive + 1 if failed else 0
+        if failed and self.consecutive >= self.limit:
+            raise RuntimeError(f"{self.consecutive} records in a row failed alone, the last with "
+                               f"{type(error).__name__}: {telling_message(error)}: the encoder, not the data, is "
+                               "at fault") from error
+
 
 def batch_or_one_by_one(items: Sequence[ItemT], run: Callable[[Sequence[ItemT]], ResultT],
+                        failure_run: FailureRun | None = None,
                         ) -> tuple[list[ResultT], list[tuple[ItemT, Exception]]]:
     """`run(items)` as one batch; if that raises, `run([item])` for each item, and the items that fail alone.
 
     One poisonous record must not sink its batch (nor, after the runner's retries, the job): the caller
-    dead-letters what fails alone. If every item fails alone, the fault is not the data: the batch's error is
-    raised, for the runner to retry or fail the job.
+    dead-letters what fails alone. What is not a record's fault is raised, for the runner to retry or fail the job:
+    a machine error (out of memory, a device lost: `is_machine_error`), or `failure_run`'s limit of records in a
+    row failing alone (a broken encoder).
     """
+    failure_run = failure_run or FailureRun()
     try:
-        return [run(items)], []
+        result = run(items)
     except Exception as batch_error:
+        if is_machine_error(batch_error) and len(items) == 1:
+            raise
         results, failures = [], []
         for item in items:
             try:
                 results.append(run([item]))
             except Exception as error:
+                if is_machine_error(error):
+                    raise
+                failure_run.record(True, error)
                 failures.append((item, error))
-        if not results:
-            raise batch_error
+            else:
+                failure_run.record(False)
         return results, failures
+    failure_run.record(False)
+    return [result], []
 
 
 def route(label: str, pcoll, step_fn, *side_inputs, count_read: bool = False) -> tuple:

@@ -26,6 +26,7 @@ from transforms.dead_letters import (
     DEAD_LETTER_TAG,
     METRICS_NAMESPACE,
     RECORDS_EMBEDDED,
+    FailureRun,
     batch_or_one_by_one,
     dead_letter,
 )
@@ -120,9 +121,11 @@ class EmbedBatch(beam.DoFn):
         self._progress = progress
         self._embedded = Metrics.counter(METRICS_NAMESPACE, RECORDS_EMBEDDED)
         self._encoders: Encoders | None = None
+        self._failure_run: FailureRun | None = None
 
     def setup(self):
         config = self._config
+        self._failure_run = FailureRun()
         self._encoders = self._model_cache.acquire(lambda: Encoders(config), tag=config.cache_tag)
 
     def _decode_images(self, records: Sequence[Record]) -> tuple[list[Record], list[np.ndarray], list[DeadLetter]]:
@@ -167,7 +170,8 @@ class EmbedBatch(beam.DoFn):
         records, pixels, dead = self._decode_images(batch)
         outputs: list[pa.RecordBatch] = []
         if records:
-            outputs, failures = batch_or_one_by_one(list(zip(records, pixels, strict=True)), self._embed)
+            outputs, failures = batch_or_one_by_one(list(zip(records, pixels, strict=True)), self._embed,
+                                                    self._failure_run)
             dead += [dead_letter(record, Stage.EMBED, Reason.ENCODER_FAILED, error) for (record, _), error in failures]
         embedded = sum(output.num_rows for output in outputs)
         self._embedded.inc(embedded)

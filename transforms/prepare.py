@@ -16,20 +16,46 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image, UnidentifiedImageError
 
 from schemas.records import DeadLetter, Reason, Record, Stage
-from transforms.dead_letters import dead_letter, route
+from transforms.dead_letters import dead_letter, printable, route
 
 # What TensorFlow's decode_image reads (PIL names); others are dead-lettered before they reach the decoder.
 TF_DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP"})
 # Leading bytes of the formats above: a file that starts like an image but will not open is corrupt, not a non-image.
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel RGB image decodes to 120 MB of uint8, 480 MB of float32
+# A million characters is a book, not a caption: text encoders keep a few hundred tokens of it, and an encoder
+# whose work grows faster than the text must not see such a record.
+DEFAULT_MAX_TEXT_CHARS = 1_000_000
 
 
-def validate_record(record: Record, use_image: bool, use_text: bool) -> Iterator[Record | DeadLetter]:
-    """Ids present, text valid UTF-8 (blank text counts as none), and something the encoders can embed."""
+def _not_utf8(value: str | None) -> str | None:
+    """Why `value` cannot be written as a Parquet string (bytes that are not UTF-8 kept by surrogateescape, lone
+    surrogates from a JSON `\\ud800`), or None when it can."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"{printable(value)!r} is not valid UTF-8 ({error.reason} at character {error.start})"
+    return None
+
+
+def validate_record(record: Record, use_image: bool, use_text: bool,
+                    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> Iterator[Record | DeadLetter]:
+    """Ids present and valid UTF-8, labels and passthrough values too, text valid UTF-8 and within
+    `max_text_chars` (blank text counts as none), and something the encoders can embed."""
     if record.id is None or not str(record.id).strip():
         yield dead_letter(record, Stage.PREPARE, Reason.MISSING_ID, "the record has no id")
         return
+    problem = _not_utf8(record.id)
+    if problem:
+        yield dead_letter(record, Stage.PREPARE, Reason.INVALID_ID, f"the id {problem}")
+        return
+    for field, value in (("label", record.label), *record.extras.items()):
+        problem = _not_utf8(value) if isinstance(value, str) else None
+        if problem:
+            yield dead_letter(record, Stage.PREPARE, Reason.INVALID_FIELD, f"{field}: {problem}")
+            return
     text = record.text
     if text is not None and use_text:
         try:
@@ -37,6 +63,10 @@ def validate_record(record: Record, use_image: bool, use_text: bool) -> Iterator
             text.encode("utf-8")  # a str read with surrogateescape still holds the invalid bytes
         except UnicodeError as error:
             yield dead_letter(record, Stage.PREPARE, Reason.TEXT_NOT_UTF8, error)
+            return
+        if len(text) > max_text_chars:
+            yield dead_letter(record, Stage.PREPARE, Reason.TEXT_TOO_LONG,
+                              f"{len(text):,} characters is over --max_text_chars={max_text_chars:,}")
             return
         text = text if text.strip() else None
     has_image = use_image and (record.image_bytes is not None or record.image_uri is not None)
@@ -66,7 +96,7 @@ def duplicate_sources(group: tuple[str, Iterable[str]]) -> Iterator[tuple[str, s
 
 
 def drop_duplicate(record: Record, duplicates: dict[str, str]) -> Iterator[Record | DeadLetter]:
-    kept = duplicates.get(record.source)
+    kept = duplicates.get(printable(record.source))
     if kept is None:
         yield record
     else:
@@ -114,18 +144,21 @@ def fetch_and_check_image(record: Record, max_pixels: int) -> Iterator[Record | 
 class PrepareRecords(beam.PTransform):
     """records → (records ready to embed, dead_letters)."""
 
-    def __init__(self, use_image: bool, use_text: bool, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(self, use_image: bool, use_text: bool, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
         super().__init__()
         self._use_image = use_image
         self._use_text = use_text
         self._max_image_pixels = max_image_pixels
+        self._max_text_chars = max_text_chars
 
     def expand(self, records):
-        valid, invalid = route("Validate", records, validate_record, self._use_image, self._use_text)
+        valid, invalid = route("Validate", records, validate_record, self._use_image, self._use_text,
+                                self._max_text_chars)
         # Duplicate ids: shuffle only (id, source) pairs, never the records, and hand the few losers to a
         # side input; the records themselves stay where they are.
         duplicates = (valid
-                      | "IdSource" >> beam.Map(lambda record: (record.id, record.source))
+                      | "IdSource" >> beam.Map(lambda record: (record.id, printable(record.source)))
                       | "GroupById" >> beam.GroupByKey()
                       | "Losers" >> beam.FlatMap(duplicate_sources))
         unique, duplicated = route("DropDuplicateIds", valid, drop_duplicate, beam.pvalue.AsDict(duplicates))
