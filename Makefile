@@ -22,9 +22,9 @@ demo: setup
 	$(BIN)/python scripts/make_sample_corpus.py --output $(DEMO)/corpus --size 600
 	$(BIN)/python -m beam_jobs.embed_corpus --input $(DEMO)/corpus/manifest.jsonl \
 	    --output $(DEMO)/embeddings --overwrite --l2_normalize --runner DirectRunner
-	$(BIN)/python -m beam_jobs.train_classifier --input '$(DEMO)/embeddings/embeddings-*.parquet' \
+	$(BIN)/python -m beam_jobs.train_classifier --input $(DEMO)/embeddings \
 	    --output $(DEMO)/classifier --features both --overwrite
-	$(BIN)/python -m beam_jobs.predict --input '$(DEMO)/embeddings/embeddings-*.parquet' \
+	$(BIN)/python -m beam_jobs.predict --input $(DEMO)/embeddings \
 	    --model $(DEMO)/classifier/model --output $(DEMO)/predictions --overwrite
 
 test: setup

@@ -19,31 +19,29 @@ from importlib import metadata as package_metadata
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_jobs.launch import (
-    LOCAL_RUNNERS,
-    REMOTE_RUNNERS,
-    JobConfigError,
-    claim_output,
-    finish_run,
-    job_main,
-    written_files,
-)
+from beam_jobs import output_folder
+from beam_jobs.launch import LOCAL_RUNNERS, REMOTE_RUNNERS, JobConfigError, finish_run, job_main
 from encoders import pretrained
 from encoders.hub_module import EncoderConfigError, EncoderSpec, probe_encoder
 from encoders.runtime import tf
 from schemas import embeddings as cols
+from schemas import layout
 from schemas.report import EmbedRunReport
+from transforms.checkpoint import CheckpointBatches, checkpoint_files
 from transforms.embed import EmbedConfig, EmbedRecords
-from transforms.prepare import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TEXT_CHARS, PrepareRecords
+from transforms.prepare import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_TEXT_CHARS,
+    PrepareRecords,
+)
 from transforms.read import INPUT_FORMATS, CorpusConfigError, ReadCorpus, infer_format, match_patterns
-from transforms.report import ProgressLog, build_report, write_report
+from transforms.report import ProgressLog
+from transforms.reuse import ReuseConfigError, ReuseStoredVectors, find_reusable_files, reuse_key, usable_checkpoints
 from transforms.write import WriteDeadLetters, WriteEmbeddings
 
 JOB_NAME = "embed_corpus"
 NO_ENCODER = "none"
-EMBEDDINGS_PREFIX = "embeddings"
-DEAD_LETTERS_PREFIX = "dead_letters"
-REPORT_NAME = "run_report.json"
 
 log = logging.getLogger("hubembed")
 
@@ -56,8 +54,17 @@ class EmbedCorpusOptions(PipelineOptions):
         group = parser.add_argument_group("hubembed embed_corpus")
         group.add_argument("--input", help="manifest (.jsonl/.csv/.parquet, globs ok), image folder root, "
                                            "WebDataset shards (shard-{000000..000009}.tar) or TFRecord files")
-        group.add_argument("--output", help="output folder: embeddings-*.parquet, dead_letters-*.parquet, "
-                                            "run_report.json")
+        group.add_argument("--output", help="output folder, published when the run succeeds: embeddings-*.parquet, "
+                                            "_dead_letters/, _run_report.json, then _SUCCESS")
+        group.add_argument("--reuse", action="append", default=[],
+                           help="an earlier output (folder or glob of folders, e.g. 'ROOT/dt=*'; repeatable) whose "
+                                "vectors unchanged records take instead of being embedded again")
+        group.add_argument("--vectors", default=cols.VECTORS_CONCAT, choices=cols.VECTOR_CHOICES,
+                           help="vector columns to write: the multimodal `embedding` (concat), the per-modality "
+                                "ones (modalities), or both")
+        group.add_argument("--float16", action="store_true", help="store vectors as float16 (half the size)")
+        group.add_argument("--no_checkpoint", action="store_true",
+                           help="do not checkpoint finished batches under _staging/ (a killed run then starts over)")
         group.add_argument("--input_format", default="auto", choices=("auto", *INPUT_FORMATS),
                            help="force the input format instead of inferring it from --input")
         for modality, default_name in (("image", "MobileNet V1 feature vector"), ("text", "all-MiniLM-L6-v2")):
@@ -83,6 +90,9 @@ class EmbedCorpusOptions(PipelineOptions):
                            help="exit non-zero when dead letters / records read exceeds this")
         group.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                            help="images with more pixels (from the header) are dead-lettered, never decoded")
+        group.add_argument("--max_image_bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                           help="larger image files and image_bytes values are dead-lettered (image_too_large); a "
+                                "file is never read past this many bytes")
         group.add_argument("--max_text_chars", type=int, default=DEFAULT_MAX_TEXT_CHARS,
                            help="longer texts are dead-lettered (text_too_long) before any encoder sees them")
         group.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
@@ -108,7 +118,8 @@ class JobPlan:
     passthrough: tuple[str, ...]
     schema_metadata: dict[str, str]
     embed_config: EmbedConfig
-    outputs: dict[str, str]
+    folder: output_folder.RunFolder
+    stored_files: list[tuple[str, str]]  # (path, origin) of the outputs and checkpoints vectors may be copied from
 
 
 def _package_version() -> str:
@@ -145,6 +156,7 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
         raise JobConfigError("--output is required")
     for flag, value, least in (("--batch_size", job.batch_size, 1), ("--min_batch_size", job.min_batch_size, 1),
                                ("--num_shards", job.num_shards, 0), ("--max_image_pixels", job.max_image_pixels, 1),
+                               ("--max_image_bytes", job.max_image_bytes, 1),
                                ("--max_text_chars", job.max_text_chars, 1), ("--image_size", job.image_size, 1)):
         if value is not None and value < least:
             raise JobConfigError(f"{flag} must be at least {least}, not {value}")
@@ -179,8 +191,6 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
     clashing = sorted(reserved.intersection(passthrough))
     if clashing:
         raise JobConfigError(f"--passthrough names output columns of the job itself: {', '.join(clashing)}")
-    outputs = claim_output(job.output, {"embeddings": EMBEDDINGS_PREFIX, "dead_letters": DEAD_LETTERS_PREFIX},
-                           REPORT_NAME, job.overwrite, JOB_NAME)
     metadata = {
         cols.META_VERSION: _package_version(),
         cols.META_CREATED_AT: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -190,15 +200,27 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
     if image is not None:
         metadata[cols.META_IMAGE_ENCODER] = image.to_json()
         metadata[cols.META_IMAGE_PREPROCESSING] = json.dumps({
-            "decoder": "tf.io.decode_image, first frame of animations, 3 channels (grey and RGBA made RGB)",
+            "decoder": "tf.io.decode_image, first frame of animations, 3 channels (grey and RGBA made RGB), "
+                       "8-bit BMPs through their palette",
+            "orientation": "JPEG Exif orientation applied (2-8, as PIL.ImageOps.exif_transpose)",
             "resize": "tf.image.resize bilinear, no crop, no antialias", "size": [image.image_size, image.image_size],
             "value_range": [0.0, 1.0], "dtype": "float32"}, sort_keys=True)
     if text is not None:
         metadata[cols.META_TEXT_ENCODER] = text.to_json()
-    schema = cols.embeddings_schema(image and image.dim, text and text.dim, passthrough, metadata)
+    dtype = "float16" if job.float16 else "float32"
+    metadata[cols.META_STORAGE] = json.dumps({"vectors": job.vectors, "dtype": dtype}, sort_keys=True)
+    metadata[cols.META_REUSE_KEY] = reuse_key(metadata)
+    try:
+        stored = find_reusable_files(job.reuse, metadata[cols.META_REUSE_KEY])
+    except ReuseConfigError as error:
+        raise JobConfigError(str(error)) from error
+    schema = cols.embeddings_schema(image and image.dim, text and text.dim, passthrough, metadata, job.vectors, dtype)
     config = EmbedConfig(image=image, text=text, schema=schema, passthrough=passthrough,
                          l2_normalize=bool(job.l2_normalize), device=job.device)
-    return JobPlan(input_format, image, text, passthrough, metadata, config, outputs)
+    folder = output_folder.claim(job.output, layout.EMBEDDINGS_PREFIX, JOB_NAME, job.overwrite)
+    # A killed run's finished batches: taken back like --reuse outputs, so the rerun embeds only what was in flight.
+    stored += usable_checkpoints(checkpoint_files(folder.checkpoints), metadata[cols.META_REUSE_KEY])
+    return JobPlan(input_format, image, text, passthrough, metadata, config, folder, stored)
 
 
 def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPlan) -> None:
@@ -210,14 +232,21 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
                                                                 tfrecord_keys)
     prepared, unprepared = records | "PrepareRecords" >> PrepareRecords(
         use_image=plan.image is not None, use_text=plan.text is not None, max_image_pixels=job.max_image_pixels,
-        max_text_chars=job.max_text_chars)
-    embeddings, unembedded = prepared | "EmbedRecords" >> EmbedRecords(
+        max_text_chars=job.max_text_chars, max_image_bytes=job.max_image_bytes)
+    to_embed, reused = prepared | "ReuseStoredVectors" >> ReuseStoredVectors(
+        plan.stored_files, plan.embed_config.schema, plan.passthrough, job.batch_size)
+    embeddings, unembedded = to_embed | "EmbedRecords" >> EmbedRecords(
         plan.embed_config, progress, min_batch_size=job.min_batch_size, max_batch_size=job.batch_size)
-    embeddings | "WriteEmbeddings" >> WriteEmbeddings(plan.outputs["embeddings"], plan.embed_config.schema,
-                                                      job.num_shards)
+    if not job.no_checkpoint:
+        embeddings = embeddings | "Checkpoint" >> beam.ParDo(CheckpointBatches(plan.folder.checkpoints))
+    staged = plan.folder.staged()
+    ((embeddings, reused)
+     | "AllEmbeddings" >> beam.Flatten()
+     | "WriteEmbeddings" >> WriteEmbeddings(staged[layout.EMBEDDINGS_PREFIX], plan.embed_config.schema,
+                                            job.num_shards))
     ((unreadable, unprepared, unembedded)
      | "AllDeadLetters" >> beam.Flatten()
-     | "WriteDeadLetters" >> WriteDeadLetters(plan.outputs["dead_letters"], progress))
+     | "WriteDeadLetters" >> WriteDeadLetters(staged["dead_letters"], progress))
 
 
 def run(argv: list[str] | None = None) -> EmbedRunReport:
@@ -229,15 +258,19 @@ def run(argv: list[str] | None = None) -> EmbedRunReport:
         if spec is not None:
             log.info("%s encoder: %s → %d-d%s", spec.modality, spec.handle, spec.dim,
                      f", {spec.image_size}x{spec.image_size} input" if spec.image_size else "")
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, job, plan)
-    started = time.perf_counter()
-    result = pipeline.run()
-    result.wait_until_finish()
-    report = build_report(EmbedRunReport, JOB_NAME, result, time.perf_counter() - started, job.max_error_rate,
-                          written_files(plan.outputs), plan.schema_metadata)
-    write_report(report, plan.outputs["report"])
-    return report
+    if plan.stored_files:
+        log.info("reusing vectors from %d files (%d checkpoint files of a killed run)", len(plan.stored_files),
+                 sum(origin == "checkpoint" for _, origin in plan.stored_files))
+    try:
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, job, plan)
+        started = time.perf_counter()
+        result = pipeline.run()
+        result.wait_until_finish()
+        return output_folder.report_and_publish(EmbedRunReport, JOB_NAME, result, time.perf_counter() - started,
+                                                job.max_error_rate, plan.folder, plan.schema_metadata)
+    finally:
+        output_folder.release(plan.folder)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import logging
 import os
 import sys
@@ -17,7 +16,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from schemas.report import RunReport
 from transforms.report import format_report
-from transforms.write import PARQUET_SUFFIX
 
 EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
 # Runners whose workers never share the launcher's disk. Flink, Spark and Portable runners can run on this machine
@@ -113,38 +111,6 @@ def check_output_folder(output: str) -> None:
         raise JobConfigError(f"cannot write to --output {output!r}: {cause}") from error
 
 
-def claim_output(output: str, parquet_outputs: dict[str, str], report_name: str,
-                 overwrite: bool, job: str) -> dict[str, str]:
-    """The output folder's paths, {name: Parquet file prefix, ..., "report": path}, for a new run.
-
-    An earlier run's files there are refused in one line, or deleted with --overwrite, so that a rerun with another
-    shard count never leaves the old run's shards beside the new ones. A folder holding another job's output
-    (predict pointed at an embeddings folder) is refused even with --overwrite: that would delete the other
-    job's report and dead letters.
-    """
-    check_output_folder(output)
-    outputs = {name: FileSystems.join(output, prefix) for name, prefix in parquet_outputs.items()}
-    outputs["report"] = FileSystems.join(output, report_name)
-    other_job = _report_job(outputs["report"])
-    if other_job not in (None, job):
-        raise JobConfigError(f"{output} holds the output of {other_job}, not of {job}: write to another folder")
-    patterns = [path + "-*" + PARQUET_SUFFIX for path in outputs.values() if path != outputs["report"]]
-    earlier = [m.path for result in FileSystems.match([*patterns, outputs["report"]]) for m in result.metadata_list]
-    clear_earlier_run(output, earlier, overwrite)
-    return outputs
-
-
-def _report_job(report_path: str) -> str | None:
-    """The `job` named by the run report at `report_path`, if there is one."""
-    if not FileSystems.exists(report_path):
-        return None
-    try:
-        with FileSystems.open(report_path) as handle:
-            return json.loads(handle.read()).get("job")
-    except (ValueError, AttributeError):
-        return "an unknown job (its run report does not parse)"
-
-
 def clear_earlier_run(output: str, earlier: list[str], overwrite: bool) -> None:
     """Refuse an output folder holding `earlier` (a previous run's files and folders), or delete them with
     --overwrite; then make sure the folder exists."""
@@ -155,8 +121,3 @@ def clear_earlier_run(output: str, earlier: list[str], overwrite: bool) -> None:
         FileSystems.delete(earlier)
     if not FileSystems.exists(output):
         FileSystems.mkdirs(output)
-
-
-def written_files(outputs: dict[str, str]) -> dict[str, str]:
-    """What the run report names: the Parquet outputs as globs of their shards, the report as it is."""
-    return {name: path if name == "report" else path + "-*" + PARQUET_SUFFIX for name, path in outputs.items()}

@@ -1,12 +1,13 @@
 """The scoring job: embeddings Parquet + a classifier from train_classifier → predictions Parquet.
 
-    python -m beam_jobs.predict --input out/embeddings/embeddings-*.parquet --model out/classifier/model \
+    python -m beam_jobs.predict --input out/embeddings/ --model out/classifier/model \
         --output out/predictions/ [--top_k 3] [--runner ...]
 
 read (the files, checked at start against the encoders the model was trained on) → check each row (id, vector
 width, finite values) → score in batches with the serving model (one copy per worker) → write the predictions,
-the dead letters and the run report. Every row read ends in exactly one of predictions-*.parquet and
-dead_letters-*.parquet; the job exits non-zero when the dead-lettered share exceeds --max_error_rate.
+the dead letters and the run report, published like the embedding job's (beam_jobs.output_folder). Every row read
+ends in exactly one of predictions-*.parquet and _dead_letters/; the job exits non-zero when the dead-lettered
+share exceeds --max_error_rate.
 """
 
 from __future__ import annotations
@@ -20,21 +21,24 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_jobs.launch import REMOTE_RUNNERS, JobConfigError, claim_output, finish_run, job_main, written_files
+from beam_jobs import output_folder
+from beam_jobs.launch import REMOTE_RUNNERS, JobConfigError, finish_run, job_main
 from beam_jobs.options import add_flag
 from schemas import embeddings as cols
+from schemas import layout
 from schemas import predictions as pred
 from schemas.training import ModelInfo
-from transforms.embeddings_input import EmbeddingsInputError, identity_difference, inspect_embeddings
+from transforms.embeddings_input import (
+    EmbeddingsInputError,
+    content_identity,
+    identity_difference,
+    inspect_embeddings,
+)
 from transforms.predict import ScoreEmbeddings
-from transforms.report import build_report, write_report
-from transforms.serving import read_model_info
+from transforms.serving import check_serving_model, read_model_info
 from transforms.write import WriteDeadLetters, WriteEmbeddings
 
 JOB_NAME = "predict"
-PREDICTIONS_PREFIX = "predictions"
-DEAD_LETTERS_PREFIX = "dead_letters"
-REPORT_NAME = "run_report.json"
 
 log = logging.getLogger("hubembed")
 
@@ -45,10 +49,10 @@ class PredictOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         group = parser.add_argument_group("hubembed predict")
-        add_flag(group, "--input", help="embeddings Parquet written by embed_corpus (a glob, local or gs://)")
+        add_flag(group, "--input", help="an embed_corpus output folder, or a glob of its Parquet files (local or gs://)")
         add_flag(group, "--model", help="the serving model folder train_classifier wrote (<output>/model)")
-        add_flag(group, "--output", help="output folder: predictions-*.parquet, dead_letters-*.parquet, "
-                                            "run_report.json")
+        add_flag(group, "--output", help="output folder: predictions-*.parquet, _dead_letters/, _run_report.json, "
+                                            "then _SUCCESS")
         add_flag(group, "--top_k", type=int, default=3, help="labels (with probabilities) kept per row")
         add_flag(group, "--batch_size", type=int, default=32, help="largest batch sent through the model")
         add_flag(group, "--min_batch_size", type=int, default=8,
@@ -66,7 +70,7 @@ class PredictPlan:
     info: ModelInfo
     top_k: int
     schema_metadata: dict[str, str]
-    outputs: dict[str, str]
+    folder: output_folder.RunFolder
 
 
 def plan_job(job: PredictOptions, runner: str | None = None) -> PredictPlan:
@@ -89,16 +93,21 @@ def plan_job(job: PredictOptions, runner: str | None = None) -> PredictPlan:
         raise JobConfigError(f"{job.model} is a {info.mode} model that takes raw images/text "
                              f"({', '.join(info.inputs)}), not embeddings: call its serving signature directly")
     try:
+        check_serving_model(job.model, info)  # here, not in every worker's setup()
+    except ValueError as error:
+        raise JobConfigError(str(error)) from error
+    try:
         embeddings = inspect_embeddings(job.input, (cols.ID, *info.inputs))
     except EmbeddingsInputError as error:
         raise JobConfigError(str(error)) from error
-    if embeddings.identity != info.encoder_identity:
+    # By content: the same encoders at other paths are accepted, another model saved over the same path is not.
+    trained_on = content_identity(info.encoder_identity)
+    if embeddings.identity != trained_on:
         raise JobConfigError(f"{embeddings.paths[0]} was embedded with other encoders than {job.model} was trained "
-                             f"on ({identity_difference(info.encoder_identity, embeddings.identity)})")
-    outputs = claim_output(job.output, {"predictions": PREDICTIONS_PREFIX, "dead_letters": DEAD_LETTERS_PREFIX},
-                           REPORT_NAME, job.overwrite, JOB_NAME)
+                             f"on ({identity_difference(trained_on, embeddings.identity)})")
+    folder = output_folder.claim(job.output, layout.PREDICTIONS_PREFIX, JOB_NAME, job.overwrite)
     metadata = {pred.META_MODEL: job.model, pred.META_MODEL_INFO: json.dumps(info.to_dict(), sort_keys=True)}
-    return PredictPlan(embeddings.paths, info, min(job.top_k, len(info.labels)), metadata, outputs)
+    return PredictPlan(embeddings.paths, info, min(job.top_k, len(info.labels)), metadata, folder)
 
 
 def build_pipeline(pipeline: beam.Pipeline, job: PredictOptions, plan: PredictPlan) -> None:
@@ -110,8 +119,9 @@ def build_pipeline(pipeline: beam.Pipeline, job: PredictOptions, plan: PredictPl
         | "ScoreEmbeddings" >> ScoreEmbeddings(job.model, plan.info, schema, plan.top_k, job.min_batch_size,
                                                job.batch_size))
     # WriteEmbeddings is the embedding job's batched Parquet sink: it writes any Tables of the schema it is given.
-    predictions | "WritePredictions" >> WriteEmbeddings(plan.outputs["predictions"], schema, job.num_shards)
-    dead_letters | "WriteDeadLetters" >> WriteDeadLetters(plan.outputs["dead_letters"])
+    staged = plan.folder.staged()
+    predictions | "WritePredictions" >> WriteEmbeddings(staged[layout.PREDICTIONS_PREFIX], schema, job.num_shards)
+    dead_letters | "WriteDeadLetters" >> WriteDeadLetters(staged["dead_letters"])
 
 
 def run(argv: list[str] | None = None) -> pred.PredictRunReport:
@@ -120,15 +130,17 @@ def run(argv: list[str] | None = None) -> pred.PredictRunReport:
     job = options.view_as(PredictOptions)
     plan = plan_job(job, options.view_as(StandardOptions).runner)
     log.info("model %s: %s features, labels %s", job.model, plan.info.features, ", ".join(plan.info.labels))
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, job, plan)
-    started = time.perf_counter()
-    result = pipeline.run()
-    result.wait_until_finish()
-    report = build_report(pred.PredictRunReport, JOB_NAME, result, time.perf_counter() - started,
-                          job.max_error_rate, written_files(plan.outputs), plan.schema_metadata)
-    write_report(report, plan.outputs["report"])
-    return report
+    try:
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, job, plan)
+        started = time.perf_counter()
+        result = pipeline.run()
+        result.wait_until_finish()
+        return output_folder.report_and_publish(pred.PredictRunReport, JOB_NAME, result,
+                                                time.perf_counter() - started, job.max_error_rate, plan.folder,
+                                                plan.schema_metadata)
+    finally:
+        output_folder.release(plan.folder)
 
 
 def main(argv: list[str] | None = None) -> int:

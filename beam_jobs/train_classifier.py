@@ -1,6 +1,6 @@
 """The downstream stage: a classifier on the embedding job's Parquet, or fine-tuned from the raw corpus.
 
-    python -m beam_jobs.train_classifier --input out/embeddings/embeddings-*.parquet --output out/classifier/ \
+    python -m beam_jobs.train_classifier --input out/embeddings/ --output out/classifier/ \
         [--features image|text|both] [--class_weights balanced] [...]
     python -m beam_jobs.train_classifier --fine_tune --input corpus/manifest.jsonl --output out/fine_tuned/ \
         --image_encoder H --text_encoder H [--features ...]
@@ -40,6 +40,7 @@ from beam_jobs.launch import (
 from beam_jobs.options import add_flag
 from encoders.hub_module import EncoderSpec
 from schemas import embeddings as cols
+from schemas import layout
 from schemas import predictions as pred
 from schemas.training import FEATURES, ModelInfo, TrainingReport
 from transforms import fine_tune
@@ -54,7 +55,13 @@ from transforms.classify import (
     split_metrics,
     with_modality_dropout,
 )
-from transforms.embeddings_input import FEATURE_COLUMNS, EmbeddingsInput, EmbeddingsInputError, inspect_embeddings
+from transforms.embeddings_input import (
+    FEATURE_COLUMNS,
+    EmbeddingsInput,
+    EmbeddingsInputError,
+    embeddings_identity,
+    inspect_embeddings,
+)
 from transforms.embeddings_input import read_table as read_embeddings
 from transforms.plots import plot_confusion_matrix, plot_training_curves
 from transforms.predict import prediction_table
@@ -65,6 +72,7 @@ from transforms.serving import FineTunedModel, FrozenFeatureModel, export, head_
 from transforms.split import SPLITS, TEST, TRAIN, VALIDATION, check_ratios, split_of
 from transforms.tft_features import (
     SPLIT,
+    SkippedRows,
     analyze_training_split,
     label_vocabulary,
     labeled_rows,
@@ -78,7 +86,6 @@ MODEL_DIR, TRANSFORM_DIR = "model", "transform"
 REPORT_NAME = "training_report.json"
 CONFUSION_MATRIX_PNG, TRAINING_CURVES_PNG = "confusion_matrix.png", "training_curves.png"
 TEST_PREDICTIONS = "test_predictions.parquet"
-DEAD_LETTERS_PREFIX = "dead_letters"  # fine-tune mode only: records read/prepare could not use
 
 log = logging.getLogger("hubembed")
 
@@ -89,7 +96,7 @@ class TrainClassifierOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         group = parser.add_argument_group("hubembed train_classifier")
-        add_flag(group, "--input", help="embeddings Parquet written by embed_corpus (a glob, local or gs://); "
+        add_flag(group, "--input", help="an embed_corpus output folder or a glob of its Parquet files (local, gs://); "
                                            "with --fine_tune: the raw corpus, as embed_corpus's --input")
         add_flag(group, "--output", help="output folder: model/, transform/, training_report.json, "
                                             "confusion_matrix.png, training_curves.png, test_predictions.parquet")
@@ -157,11 +164,12 @@ def _check_output(output: str, overwrite: bool, fine_tuning: bool) -> dict[str, 
         "test_predictions": FileSystems.join(output, TEST_PREDICTIONS),
     }
     if fine_tuning:
-        outputs["dead_letters"] = FileSystems.join(output, DEAD_LETTERS_PREFIX)
+        # fine-tune mode only: the records read/prepare could not use, where the embedding job puts its own
+        outputs["dead_letters"] = FileSystems.join(output, layout.DEAD_LETTERS_DIR, layout.DEAD_LETTERS_PREFIX)
     else:
         outputs["transform"] = FileSystems.join(output, TRANSFORM_DIR)
     earlier = [path for name, path in outputs.items() if name != "dead_letters" and FileSystems.exists(path)]
-    earlier += [m.path for r in FileSystems.match([FileSystems.join(output, DEAD_LETTERS_PREFIX) + "-*"])
+    earlier += [m.path for r in FileSystems.match([FileSystems.join(output, layout.DEAD_LETTERS_DIR, "*")])
                 for m in r.metadata_list]
     clear_earlier_run(output, earlier, overwrite)
     return outputs
@@ -275,6 +283,15 @@ def _finish(plan: TrainPlan, job: TrainClassifierOptions, labels: list[str], row
     return report
 
 
+def _log_non_finite(skipped: SkippedRows, features: str) -> None:
+    """One warning line naming a few of the rows skipped for NaN / inf vectors, so they can be found."""
+    ids = [row_id for split in SPLITS for row_id in skipped.non_finite[split]]
+    if ids:
+        by_split = ", ".join(f"{split} {len(skipped.non_finite[split])}" for split in SPLITS)
+        log.warning("skipped %d rows with NaN or infinity in the %s vectors (%s), e.g. %s", len(ids), features,
+                    by_split, ", ".join(ids[:5]))
+
+
 def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
     """Embeddings Parquet → tf.Transform analysis → head → serving model and report."""
     started = time.perf_counter()
@@ -292,6 +309,7 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
     # Read and prepare in memory: the head trains on every row at once (embeddings are small next to images).
     table = read_embeddings(embeddings.paths, (cols.ID, cols.LABEL, *FEATURE_COLUMNS[job.features]))
     rows, skipped = labeled_rows(table, job.features, embeddings.dims, job.validation_ratio, job.test_ratio)
+    _log_non_finite(skipped, job.features)
     label_ids = _label_ids(rows[cols.LABEL], labels)
     split = _split_indices(rows[SPLIT], label_ids)
     # Transform: the very layer the serving model embeds.
@@ -314,8 +332,7 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
     export(model, plan.outputs["model"], info)
     predicted = _write_test_predictions(plan.outputs["test_predictions"], rows[cols.ID][split[TEST]], probabilities,
                                         labels, info)
-    counts = {"read": table.num_rows, "skipped_unlabeled": skipped["unlabeled"],
-              "skipped_missing_modality": skipped["missing_modality"],
+    counts = {"read": table.num_rows, **skipped.counts(),
               "skipped_label_not_in_vocabulary": int((label_ids < 0).sum()),
               **{name: len(split[name]) for name in SPLITS}}
     return _finish(plan, job, labels, counts, label_ids[split[TEST]], predicted, training, started,
@@ -392,13 +409,13 @@ def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: Pipe
         metadata[cols.META_TEXT_ENCODER] = plan.text.to_json()
     info = ModelInfo(mode=plan.mode, features=job.features, labels=labels,
                      inputs={name: 0 for name, used in (("image_bytes", use_image), ("text", use_text)) if used},
-                     encoder_identity=cols.encoder_identity(metadata))
+                     encoder_identity=embeddings_identity(metadata))
     probabilities = model.predict(part(TEST), batch_size=64, verbose=0)
     export(FineTunedModel(model, labels, use_image, use_text, image_size), plan.outputs["model"], info)
     predicted = _write_test_predictions(plan.outputs["test_predictions"], ids[split[TEST]], probabilities, labels,
                                         info)
     counts = {"read": totals.get("records_read", 0), "dead_lettered": totals.get("dead_lettered", 0),
-              "skipped_unlabeled": int((~labeled).sum()), "skipped_missing_modality": 0,
+              **SkippedRows(unlabeled=int((~labeled).sum())).counts(),  # the encoders run in the model: no vectors
               "skipped_label_not_in_vocabulary": int((label_ids < 0).sum()),
               **{name: len(split[name]) for name in SPLITS}}
     return _finish(plan, job, labels, counts, label_ids[split[TEST]], predicted, training, started, metadata)

@@ -4,14 +4,21 @@ An `EncoderSpec` names a module (a tfhub.dev / Kaggle URL, or a local or `gs://`
 `hub.KerasLayer` accepts) and how to call it. `probe_encoder` loads it once on the launcher to check it and read
 its output width and image size, so a bad handle fails at start in one line; `LoadedEncoder` is what a worker
 builds in `setup()` (through `shared.Shared`, once per process) and calls per batch.
+
+An encoder is identified by its content, not its handle: `encoder_fingerprint` hashes the SavedModel's graph,
+variables and assets, `probe_encoder` records it in the spec, and `spec_identity` keeps what decides the vectors
+(that fingerprint and how the module is called), so the same model at another path is the same encoder and another
+model saved over the same path is not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -21,6 +28,10 @@ from encoders.runtime import hub, tf
 Modality = Literal["image", "text"]
 DEFAULT_IMAGE_SIZE = 224
 _PROBE_BATCH = 2
+FINGERPRINT_FILE = "fingerprint.pb"  # written into every SavedModel by tf.saved_model.save since TF 2.12
+# What decides an encoder's vectors, so what must match for two runs' embeddings to be comparable: the module's
+# content and how it is called. Not the handle (where it lies) nor the name (what this project calls it).
+IDENTITY_FIELDS = ("modality", "fingerprint", "signature", "output_key", "image_size", "dim")
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,7 @@ class EncoderSpec:
     image_size: int | None = None  # images only: the module's fixed input size, else the --image_size flag
     dim: int | None = None  # output width, filled by probe_encoder
     name: str | None = None  # the project's own name for a baked pretrained encoder, if it is one
+    fingerprint: str | None = None  # encoder_fingerprint(handle), filled by probe_encoder
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None}, sort_keys=True)
@@ -47,6 +59,68 @@ class EncoderSpec:
     @property
     def cache_tag(self) -> str:
         return self.to_json()
+
+
+def spec_identity(spec: Mapping) -> dict:
+    """An EncoderSpec as a dict (its JSON in the Parquet metadata) → the fields that decide its vectors.
+
+    A spec written before fingerprints existed has none: its handle is then the only identity there is.
+    """
+    fields = IDENTITY_FIELDS if spec.get("fingerprint") else tuple(
+        "handle" if field == "fingerprint" else field for field in IDENTITY_FIELDS)
+    return {field: spec[field] for field in fields if spec.get(field) is not None}
+
+
+def _sha256_of_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as handle:  # tf.io.gfile: local, gs:// and every filesystem TF reads
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_of_files(folder: str) -> dict[str, str]:
+    """Every file under `folder` (recursively): relative path → SHA-256 of its bytes."""
+    digests = {}
+    if not tf.io.gfile.isdir(folder):
+        return digests
+    for directory, _, names in tf.io.gfile.walk(folder):
+        for name in names:
+            path = tf.io.gfile.join(directory, name)
+            digests[path[len(folder):].lstrip("/")] = _sha256_of_file(path)
+    return digests
+
+
+def encoder_fingerprint(handle: str) -> str:
+    """The content fingerprint of the module a handle names (SHA-256, hex): the same for the same model wherever it
+    lies (a copy at another path, relative or absolute, another cache folder, gs://), different for another model,
+    even one saved over the same folder. Hub URLs are fingerprinted in the folder `hub.resolve` downloaded them to.
+
+    A SavedModel with a fingerprint.pb (TF >= 2.12) is identified by the graph hashes TensorFlow wrote there
+    (graph_def_program_hash, signature_def_hash, saved_object_graph_hash: unlike saved_model_checksum, they do not
+    change when the same model is saved again), the SHA-256 of variables/variables.index and of the assets.
+    fingerprint.pb's own checkpoint_hash is a hash of that index file, which holds a CRC32C of every variable's
+    bytes (TensorFlow checks them on restore), so the variable values are covered without reading the variables
+    themselves (a remote model is not downloaded twice); the index is hashed here rather than taken from
+    fingerprint.pb so that variables rewritten by a TensorFlow that writes no fingerprint are seen. The assets
+    (e.g. a tokenizer's vocabulary) are hashed because fingerprint.pb does not cover them. Any other module (no
+    fingerprint.pb: older SavedModels, TF1 Hub modules): the SHA-256 of every file in its folder.
+    Raises OSError / ValueError when the handle does not resolve or a file cannot be read.
+    """
+    path = hub.resolve(handle).rstrip("/")
+    if tf.io.gfile.exists(tf.io.gfile.join(path, FINGERPRINT_FILE)):
+        fingerprint = tf.saved_model.experimental.read_fingerprint(path)
+        index = tf.io.gfile.join(path, "variables", "variables.index")
+        content = {
+            "graph_def_program_hash": fingerprint.graph_def_program_hash,
+            "signature_def_hash": fingerprint.signature_def_hash,
+            "saved_object_graph_hash": fingerprint.saved_object_graph_hash,
+            "variables_index": _sha256_of_file(index) if tf.io.gfile.exists(index) else None,
+            "assets": _sha256_of_files(tf.io.gfile.join(path, "assets")),
+        }
+    else:
+        content = {"files": _sha256_of_files(path)}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def keras_layer(spec: EncoderSpec, trainable: bool = False, name: str | None = None) -> hub.KerasLayer:
@@ -96,7 +170,7 @@ def _probe_input(modality: Modality, image_size: int) -> tf.Tensor:
 
 
 def probe_encoder(spec: EncoderSpec, image_size_flag: int | None = None) -> EncoderSpec:
-    """Load the module, run a tiny batch, and return the spec with its image size and output width.
+    """Load the module, run a tiny batch, and return the spec with its image size, output width and fingerprint.
 
     Raises EncoderConfigError with a one-line message for anything a user must fix: a handle that does not load,
     a module that does not take the modality's input, or an output that is not a [B, d] float tensor.
@@ -127,7 +201,15 @@ def probe_encoder(spec: EncoderSpec, image_size_flag: int | None = None) -> Enco
         raise EncoderConfigError(
             f"{spec.modality} encoder {spec.handle!r} returns {output.dtype.name}{shape.as_list()}, "
             f"not a [B, d] float embedding")
-    return dataclasses.replace(spec, image_size=image_size, dim=int(shape[1]))
+    started = time.perf_counter()
+    try:
+        fingerprint = encoder_fingerprint(spec.handle)  # after loading: a hub URL is downloaded by then
+    except Exception as error:  # OSError, NotFoundError, a fingerprint.pb that does not parse
+        raise EncoderConfigError(
+            f"cannot fingerprint {spec.modality} encoder {spec.handle!r}: {_one_line(error)}") from error
+    log.info("%s encoder %s: fingerprint %s (%.2fs)", spec.modality, spec.handle, fingerprint[:16],
+             time.perf_counter() - started)
+    return dataclasses.replace(spec, image_size=image_size, dim=int(shape[1]), fingerprint=fingerprint)
 
 
 class LoadedEncoder:

@@ -20,6 +20,7 @@ from encoders.runtime import tf
 # isort: split
 # tensorflow_text imports TensorFlow: only after encoders.runtime has set TF_USE_LEGACY_KERAS.
 import tensorflow_text as tf_text
+from tensorflow_text.python.ops import bert_tokenizer
 
 # sentence-transformers' `max_seq_length` for this model (sentence_bert_config.json), counting [CLS] and [SEP].
 MAX_SEQ_LENGTH = 256
@@ -29,8 +30,18 @@ EMBEDDING_DIM = 384
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 SPECIAL_TOKEN_PATTERN = r"\[(?:PAD|UNK|CLS|SEP|MASK)\]"
 # Hugging Face's WordPiece turns a word longer than this many characters into [UNK]. tensorflow_text's limit is in
-# bytes, so it gets 4 bytes per character (the UTF-8 maximum) and the character rule is applied after it.
+# bytes, so it gets 4 bytes per character (the UTF-8 maximum): it never cuts a word the character rule keeps.
 MAX_CHARS_PER_WORD = 100
+# What a word of more than MAX_CHARS_PER_WORD characters is swapped for before tokenisation: over tensorflow_text's
+# byte limit, so it is [UNK] too, and the tokenizer never sees (nor copies) a long word.
+TOO_LONG_WORD = "x" * (4 * MAX_CHARS_PER_WORD + 1)
+# Word pieces a sentence keeps between [CLS] and [SEP]. Every word and every special-token literal gives at least
+# one, so a text's first MAX_KEPT_TOKENS words and literals hold every token it keeps: the rest of a long text is
+# dropped before any per-word work, which would otherwise grow with its length (or, copying it per word, its square).
+MAX_KEPT_TOKENS = MAX_SEQ_LENGTH - 2
+# The characters tensorflow_text's BasicTokenizer (inside BertTokenizer) makes words of their own: punctuation and
+# CJK ideographs. Its own pattern, so the words split_words cuts at are the ones the tokenizer splits into.
+KEPT_DELIMITER_PATTERN = bert_tokenizer._KEEP_DELIM_NO_WHITESPACE_PATTERN
 
 # Files of the sentence-transformers model folder this module reads.
 MODEL_FILES = ("config.json", "vocab.txt", "model.safetensors", "1_Pooling/config.json")
@@ -51,6 +62,29 @@ def normalize_like_bert_uncased(texts: tf.Tensor) -> tf.Tensor:
     texts = tf_text.normalize_utf8(texts, "NFD")
     texts = tf.strings.regex_replace(texts, r"\p{Mn}", "")
     return tf.strings.lower(texts, encoding="utf-8")
+
+
+def keep_first_special_tokens(texts: tf.Tensor, count: int) -> tf.Tensor:
+    """[B] raw strings, each cut just before its (count + 1)-th special-token literal (whole when it has fewer).
+
+    Linear in the text, so later steps see at most count literals (each is a token) and count + 1 pieces between.
+    The texts must hold no NUL byte: it marks where each literal starts.
+    """
+    marked = tf.strings.regex_replace(texts, SPECIAL_TOKEN_PATTERN, "\x00\\0")
+    parts = tf.strings.split(marked, sep="\x00", maxsplit=count + 1)  # the last part: the rest, one copy
+    return tf.strings.reduce_join(parts[:, : count + 1], axis=1)
+
+
+def split_words(normalized: tf.Tensor, count: int) -> tf.RaggedTensor:
+    """[N] normalised strings → [N, (≤ count)] their first `count` words, as BertTokenizer's BasicTokenizer splits.
+
+    Its words are runs of non-whitespace between punctuation and CJK ideographs, which are words of their own: with
+    those spaced out, a whitespace split that stops after `count` words finds them, in time linear in the text and
+    with one copy of the rest, where the tokenizer makes tensors for every word of it. The whitespace is the same:
+    after normalize_like_bert_uncased only space, tab, newline and carriage return are left of it.
+    """
+    spaced = tf.strings.regex_replace(normalized, KEPT_DELIMITER_PATTERN, r" \0 ")
+    return tf.strings.split(spaced, maxsplit=count)[:, :count]
 
 
 def replace_rows(rows: tf.RaggedTensor, replace: tf.Tensor, replacement: tf.Tensor) -> tf.RaggedTensor:
@@ -75,7 +109,6 @@ class MiniLMSentenceEncoder(tf.Module):
         self.cls_id = vocab.index("[CLS]")
         self.sep_id = vocab.index("[SEP]")
         self.pad_id = vocab.index("[PAD]")
-        self.unk_id = vocab.index("[UNK]")
 
         self.vocab_table = tf.lookup.StaticVocabularyTable(
             tf.lookup.KeyValueTensorInitializer(
@@ -141,28 +174,34 @@ class MiniLMSentenceEncoder(tf.Module):
         self.__call__ = call
 
     def tokenize(self, texts: tf.Tensor) -> tf.RaggedTensor:
-        """[B] strings → [B, (T)] int64 token ids: [CLS] word pieces [SEP], at most 256 in all."""
+        """[B] strings → [B, (T)] int64 token ids: [CLS] word pieces [SEP], at most 256 in all.
+
+        Linear in the length of a text: only its first MAX_KEPT_TOKENS words and special-token literals can give a
+        kept token, so only those reach the tokenizer, each word cut to what decides its tokens.
+        """
         # regex_split stops at a NUL byte; \x01 is a control character too, so clean_text still deletes it below.
         texts = tf.strings.regex_replace(texts, r"\x00", "\x01")
+        texts = keep_first_special_tokens(texts, MAX_KEPT_TOKENS)
         # Cut special-token literals out first (kept as pieces of their own), as HF's added-token matching does.
         pieces = tf_text.regex_split(texts, SPECIAL_TOKEN_PATTERN, SPECIAL_TOKEN_PATTERN)  # [B, (P)]
         flat_pieces = pieces.flat_values
-        normalized = normalize_like_bert_uncased(flat_pieces)
-        wordpieces, starts, ends = self.tokenizer.tokenize_with_offsets(normalized)  # [N, (words), (word pieces)]
-        # Each word's span in the normalised text (an [UNK] covers its whole word), to count its characters.
-        word_starts, word_ends = tf.reduce_min(starts, axis=2), tf.reduce_max(ends, axis=2)  # [N, (words)]
-        words = tf.strings.substr(
-            tf.gather(normalized, word_starts.value_rowids()),
-            word_starts.flat_values,
-            word_ends.flat_values - word_starts.flat_values,
-        )
-        too_long = tf.strings.length(words, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
-        unknown = tf.fill(tf.shape(too_long, out_type=tf.int64), tf.constant(self.unk_id, tf.int64))
-        wordpieces = wordpieces.with_values(replace_rows(wordpieces.values, too_long, unknown))
         is_special = tf.strings.regex_full_match(flat_pieces, SPECIAL_TOKEN_PATTERN)
+        # A whole piece is normalised: lower-casing looks across words (a final sigma), so a cut piece could differ.
+        words = split_words(normalize_like_bert_uncased(flat_pieces), MAX_KEPT_TOKENS)  # [N, (words)]
+        # Every earlier word or literal of the same text takes at least one of the kept tokens: a piece keeps only
+        # as many words as are left. A literal keeps none (its piece is swapped for its id below).
+        taken = tf.where(is_special, tf.ones_like(words.row_lengths()), words.row_lengths())
+        taken_before = tf.cumsum(taken, exclusive=True)
+        taken_before -= tf.gather(taken_before, tf.gather(pieces.row_starts(), pieces.value_rowids()))
+        budget = tf.where(is_special, tf.zeros_like(taken), tf.maximum(MAX_KEPT_TOKENS - taken_before, 0))
+        words = tf.ragged.boolean_mask(words, tf.ragged.range(words.row_lengths()) < budget[:, None])
+        too_long = tf.strings.length(words.flat_values, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
+        words = words.with_flat_values(tf.where(too_long, TOO_LONG_WORD, words.flat_values))
+        # Re-joined with spaces, the words split into themselves again: the tokenizer sees them and nothing else.
+        wordpieces = self.tokenizer.tokenize(tf.strings.reduce_join(words, axis=1, separator=" "))  # [N, (w), (p)]
         piece_ids = replace_rows(wordpieces.merge_dims(1, 2), is_special, self.vocab_table.lookup(flat_pieces))
         token_ids = pieces.with_flat_values(piece_ids).merge_dims(1, 2)  # [B, (tokens)]
-        token_ids = token_ids[:, : MAX_SEQ_LENGTH - 2]
+        token_ids = token_ids[:, :MAX_KEPT_TOKENS]
         token_ids, _ = tf_text.combine_segments([token_ids], self.cls_id, self.sep_id)
         return token_ids
 

@@ -35,6 +35,11 @@ MOBILENET_CLASSIFICATION = "mobilenet-v1-100-224-classification"
 DEFAULT_IMAGE_ENCODER = MOBILENET_FEATURES
 DEFAULT_TEXT_ENCODER = MINILM
 ENCODER_NAMES = (MINILM, MOBILENET_FEATURES, MOBILENET_CLASSIFICATION)
+# Bumped whenever what an encoder bakes into changes (same weights, other ops): the cache folder is named after it,
+# so a cache baked by an older hubembed is never loaded as this one, and the new graph is baked beside it.
+# Revision 1 is the plain name the first bakes used, so caches of the encoders that never changed stay valid.
+# minilm-l6-v2 2: tokenisation linear in the text's length (was quadratic).
+BAKE_REVISIONS = MappingProxyType({MINILM: 2, MOBILENET_FEATURES: 1, MOBILENET_CLASSIFICATION: 1})
 
 CACHE_DIR_ENV = "HUBEMBED_CACHE_DIR"
 # Written into every baked model folder: what it is and where it came from.
@@ -100,9 +105,10 @@ def _resolve_cache_dir(override: str | None) -> str:
 
 
 def model_dir(name: str, cache_dir: str | None = None) -> str:
-    """The SavedModel folder of encoder `name` in the cache (whether baked yet or not)."""
+    """The SavedModel folder of encoder `name` in the cache (whether baked yet or not), named after its revision."""
     _check_name(name)
-    return os.path.join(_resolve_cache_dir(cache_dir), name)
+    revision = BAKE_REVISIONS[name]
+    return os.path.join(_resolve_cache_dir(cache_dir), name if revision == 1 else f"{name}.bake{revision}")
 
 
 def is_baked(name: str, cache_dir: str | None = None) -> bool:
@@ -245,7 +251,8 @@ def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
     root.regularization_losses = []
     tf.saved_model.save(root, destination)
     source = SOURCES[name]
-    provenance = {"name": name, "source": source.requirement, "source_sha256": source.sha256, **details}
+    provenance = {"name": name, "bake_revision": BAKE_REVISIONS[name], "source": source.requirement,
+                  "source_sha256": source.sha256, **details}
     if name == MINILM:
         provenance["requires"] = "import tensorflow_text before loading (its tokenizer ops are in the graph)"
     with open(os.path.join(destination, PROVENANCE_FILE), "w", encoding="utf-8") as handle:

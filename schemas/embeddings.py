@@ -24,6 +24,14 @@ TEXT_EMBEDDING = "text_embedding"
 EMBEDDING = "embedding"
 HAS_IMAGE = "has_image"
 HAS_TEXT = "has_text"
+IMAGE_SHA256 = "image_sha256"  # hex SHA-256 of the image bytes embedded (null: no image)
+TEXT_SHA256 = "text_sha256"  # hex SHA-256 of the UTF-8 text embedded (null: no text)
+
+# Which vector columns a run writes (--vectors): the multimodal `embedding`, the per-modality ones, or both.
+VECTORS_CONCAT = "concat"
+VECTORS_MODALITIES = "modalities"
+VECTORS_BOTH = "both"
+VECTOR_CHOICES = (VECTORS_CONCAT, VECTORS_MODALITIES, VECTORS_BOTH)
 
 # Parquet key-value metadata (bytes keys, JSON or plain-text values), on every file of a run.
 META_PREFIX = "hubembed."
@@ -34,10 +42,27 @@ META_TEXT_ENCODER = META_PREFIX + "text_encoder"  # JSON: EncoderSpec of the tex
 META_IMAGE_PREPROCESSING = META_PREFIX + "image_preprocessing"  # JSON: size, resize method, value range
 META_L2_NORMALIZE = META_PREFIX + "l2_normalize"  # "true" / "false"
 META_EMBEDDING_LAYOUT = META_PREFIX + "embedding_layout"  # JSON: [[column, offset, dim], ...] of `embedding`
+META_STORAGE = META_PREFIX + "storage"  # JSON: {"vectors": concat|modalities|both, "dtype": float32|float16}
+# hex SHA-256 of the encoders' content identity, preprocessing, L2 and storage: equal digests, reusable vectors
+META_REUSE_KEY = META_PREFIX + "reuse_key"
 
 
-def vector_type(dim: int) -> pa.DataType:
-    return pa.list_(pa.float32(), dim)
+VECTOR_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def vector_type(dim: int, dtype: str = "float32") -> pa.DataType:
+    return pa.list_(VECTOR_DTYPES[dtype], dim)
+
+
+def vector_columns(image_dim: int | None, text_dim: int | None, vectors: str) -> list[tuple[str, int]]:
+    """The vector columns a run writes, with their widths, in schema order: the per-modality ones, then `embedding`."""
+    columns = []
+    if vectors in (VECTORS_MODALITIES, VECTORS_BOTH):
+        columns += [(name, dim) for name, dim in ((IMAGE_EMBEDDING, image_dim), (TEXT_EMBEDDING, text_dim))
+                    if dim is not None]
+    if vectors in (VECTORS_CONCAT, VECTORS_BOTH):
+        columns.append((EMBEDDING, (image_dim or 0) + (text_dim or 0)))
+    return columns
 
 
 def embeddings_schema(
@@ -45,19 +70,24 @@ def embeddings_schema(
     text_dim: int | None,
     passthrough: Sequence[str] = (),
     metadata: Mapping[str, str] | None = None,
+    vectors: str = VECTORS_BOTH,
+    dtype: str = "float32",
 ) -> pa.Schema:
-    """The output schema for a run with these encoder dims (None: modality not configured)."""
+    """The output schema for a run with these encoder dims (None: modality not configured).
+
+    id, label, passthrough columns, the masks and content fingerprints of the configured modalities, then the
+    vector columns `vectors` chooses, of `dtype`.
+    """
     if image_dim is None and text_dim is None:
         raise ValueError("at least one of the image and text encoders must be configured")
     fields = [pa.field(ID, pa.string(), nullable=False), pa.field(LABEL, pa.string())]
     fields += [pa.field(name, pa.string()) for name in passthrough]
     if image_dim is not None:
-        fields += [pa.field(IMAGE_EMBEDDING, vector_type(image_dim), nullable=False),
-                   pa.field(HAS_IMAGE, pa.bool_(), nullable=False)]
+        fields += [pa.field(HAS_IMAGE, pa.bool_(), nullable=False), pa.field(IMAGE_SHA256, pa.string())]
     if text_dim is not None:
-        fields += [pa.field(TEXT_EMBEDDING, vector_type(text_dim), nullable=False),
-                   pa.field(HAS_TEXT, pa.bool_(), nullable=False)]
-    fields.append(pa.field(EMBEDDING, vector_type((image_dim or 0) + (text_dim or 0)), nullable=False))
+        fields += [pa.field(HAS_TEXT, pa.bool_(), nullable=False), pa.field(TEXT_SHA256, pa.string())]
+    fields += [pa.field(name, vector_type(dim, dtype), nullable=False)
+               for name, dim in vector_columns(image_dim, text_dim, vectors)]
     return pa.schema(fields, metadata=dict(metadata or {}))
 
 

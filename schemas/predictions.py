@@ -40,7 +40,7 @@ class PredictReason:
     MISSING_ID = "missing_id"
     MISSING_EMBEDDING = "missing_embedding"  # a null vector in a column the model takes
     WRONG_WIDTH = "wrong_width"  # a vector whose length is not what the model was trained on
-    NOT_FINITE = "not_finite"  # NaN or infinity in a vector
+    NOT_FINITE = "not_finite"  # NaN or infinity in a vector the model takes (a missing modality's too)
     MODEL_FAILED = "model_failed"
 
 

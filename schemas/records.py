@@ -22,6 +22,10 @@ class Record:
     text: str | bytes | None = None
     label: str | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # SHA-256 (hex) of the image bytes and of the UTF-8 text, set once both are final (transforms.reuse): with the
+    # encoders' identity, what decides whether an earlier output's vectors can be reused for this record.
+    image_sha256: str | None = None
+    text_sha256: str | None = None
 
 
 @dataclasses.dataclass
@@ -45,8 +49,8 @@ class Stage:
 class Reason:
     """Stable codes for the run report and the dead-letter `reason` column."""
 
-    UNREADABLE_ROW = "unreadable_row"  # a manifest line that is not JSON, a TFRecord that is not an Example
-    UNSUPPORTED_FILE = "unsupported_file"  # a file in an image folder / shard member that is neither image nor text
+    UNREADABLE_ROW = "unreadable_row"  # a row that does not parse, or the unreadable rest of a broken file (one letter)
+    UNSUPPORTED_FILE = "unsupported_file"  # neither image nor text in a folder; a FIFO/device/folder given as a file
     MISSING_ID = "missing_id"
     INVALID_ID = "invalid_id"  # an id that is not text (a list, object, float, bool) or not valid UTF-8
     INVALID_FIELD = "invalid_field"  # a field of the wrong type, or a label / passthrough value that is not UTF-8
@@ -56,6 +60,7 @@ class Reason:
     TEXT_TOO_LONG = "text_too_long"  # more characters than --max_text_chars
     IMAGE_MISSING = "image_missing"
     IMAGE_EMPTY = "image_empty"
+    IMAGE_NOT_A_FILE = "image_not_a_file"  # the image path is a folder, a FIFO, a device or a socket: never read
     NOT_AN_IMAGE = "not_an_image"
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_CORRUPT = "image_corrupt"

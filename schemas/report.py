@@ -1,4 +1,4 @@
-"""The run report (`run_report.json` beside a job's output): what a run read, wrote and dead-lettered."""
+"""The run report (`_run_report.json` in a job's output folder): what a run read, wrote and dead-lettered."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ class RunReport:
 
     OUTPUT_NAME: ClassVar[str]  # the JSON key and console label of the main output's row count
     OUTPUT_COUNTER: ClassVar[str]  # the Beam counter (namespace "hubembed") that counts those rows
+    EXTRA_COUNTERS: ClassVar[dict[str, str]] = {}  # more report fields: field name → counter name
 
     job: str
     read: int
@@ -49,5 +50,20 @@ class EmbedRunReport(RunReport):
 
     OUTPUT_NAME: ClassVar[str] = "embedded"
     OUTPUT_COUNTER: ClassVar[str] = "records_embedded"
+    # Report fields read from other counters of the "hubembed" namespace.
+    EXTRA_COUNTERS: ClassVar[dict[str, str]] = {"reused": "records_reused", "resumed": "records_resumed"}
 
-    embedded: int = 0
+    embedded: int = 0  # rows written: embedded by the encoders in this run, or copied from stored vectors
+    reused: int = 0  # of them, copied from --reuse outputs
+    resumed: int = 0  # of them, copied from this output's checkpoints (the batches a killed run had finished)
+
+    @property
+    def embedded_fresh(self) -> int:
+        return self.embedded - self.reused - self.resumed
+
+    @property
+    def reused_share(self) -> float:
+        return round((self.reused + self.resumed) / self.embedded, 6) if self.embedded else 0.0
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "embedded_fresh": self.embedded_fresh, "reused_share": self.reused_share}

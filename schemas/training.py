@@ -3,7 +3,8 @@
 The frozen-feature run and the fine-tuned run write the same report, so they compare side by side:
 
   job, mode ("frozen" | "fine_tune"), features ("image" | "text" | "both"), labels (the label vocabulary, in the
-  model's output order), rows (how many rows were read, skipped and why, and fell in each split), metrics on the
+  model's output order), rows (how many rows were read, skipped and why, and fell in each split; skipped_non_finite
+  and skipped_non_finite_<split> count rows with NaN or infinity in a vector the features use), metrics on the
   test split (accuracy, macro_f1, per_class precision/recall/f1/support, confusion_matrix[true][predicted]),
   training (epochs run, the best epoch, the Keras history per epoch), hyperparameters, seconds, outputs
   (where the model, transform graph, pictures and test predictions are) and the encoder metadata.
@@ -59,7 +60,8 @@ class ModelInfo:
     """What a serving model was trained on (`assets.extra/model_info.json`): `predict` checks its input against it.
 
     `inputs` maps each serving input name to its width (0 for a scalar per row); `encoder_identity` is
-    `schemas.embeddings.encoder_identity` of the training input, or of the encoders a fine-tuned model embeds.
+    `transforms.embeddings_input.embeddings_identity` of the training input, or of the encoders a fine-tuned model
+    embeds: the encoders' content fingerprints and how they were called, not their paths.
     """
 
     mode: str

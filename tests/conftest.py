@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from schemas import layout
 from tests import fixture_models
 
 
@@ -26,7 +27,9 @@ def fixture_encoders(tmp_path_factory) -> dict[str, str]:
 
 
 def read_parquet_dir(folder: str, prefix: str) -> pa.Table:
-    """Every `<prefix>-*.parquet` in `folder`, concatenated (an empty table if there is none)."""
+    """Every `<prefix>-*.parquet` of a job's output `folder` (dead letters: in its `_dead_letters/`), concatenated."""
+    if prefix == layout.DEAD_LETTERS_PREFIX:
+        folder = os.path.join(folder, layout.DEAD_LETTERS_DIR)
     files = sorted(glob.glob(os.path.join(folder, f"{prefix}-*.parquet")))
     assert files, f"no {prefix} files in {folder}"
     return pa.concat_tables([pq.read_table(path) for path in files])

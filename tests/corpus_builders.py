@@ -153,3 +153,54 @@ def write_bad_manifest(root: str) -> tuple[str, dict[str, str | None]]:
     expected = {row.get("id") or f"<line {n}>": reason for n, (row, reason) in enumerate(cases, 1)}
     expected["latin1-text"] = "text_not_utf8"
     return manifest, expected
+
+
+def os_name(raw: bytes) -> str:
+    """A file name holding any bytes (not UTF-8 too), as Python's os functions take and give it."""
+    return os.fsdecode(raw)
+
+
+def write_tar(path: str, members: list[tuple[str, bytes]]) -> str:
+    """A tar file of (member name, data); names may hold bytes that are not UTF-8 (see `os_name`)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return write_file(path, buffer.getvalue())
+
+
+def example_bytes(features: dict[str, bytes | int | float]) -> bytes:
+    """A serialised tf.train.Example with one value per feature, of the feature's Python type."""
+    kinds = {bytes: ("bytes_list", tf.train.BytesList), int: ("int64_list", tf.train.Int64List),
+             float: ("float_list", tf.train.FloatList)}
+    feature = {}
+    for key, value in features.items():
+        kind, values = kinds[type(value)]
+        feature[key] = tf.train.Feature(**{kind: values(value=[value])})
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_tfrecord_examples(path: str, examples: list[dict[str, bytes | int | float]],
+                            compressed: bool = False) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # TensorFlow takes the name's bytes, which hold whatever the name holds.
+    with tf.io.TFRecordWriter(os.fsencode(path), options="GZIP" if compressed else None) as writer:
+        for features in examples:
+            writer.write(example_bytes(features))
+    return path
+
+
+def write_parquet_with_a_corrupt_row_group(path: str, rows: list[dict], row_group_size: int, broken: int) -> str:
+    """A Parquet file whose row group `broken` has its first page header overwritten: the footer, and so every
+    other row group, still reads."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=row_group_size)
+    column = pq.ParquetFile(path).metadata.row_group(broken).column(0)
+    offset = column.dictionary_page_offset or column.data_page_offset
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\xff" * 40)
+    return path

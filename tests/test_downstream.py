@@ -15,6 +15,7 @@ import os
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,9 +24,11 @@ from PIL import Image
 from beam_jobs import embed_corpus, launch, predict, train_classifier
 from encoders.runtime import tf
 from schemas import embeddings as cols
+from schemas import layout
 from schemas import predictions as pred
 from scripts.make_sample_corpus import make_sample_corpus
 from transforms.classify import balanced_class_weights, split_metrics
+from transforms.embeddings_input import available_columns, iter_tables
 from transforms.split import TEST, TRAIN, VALIDATION, split_fraction, split_of
 
 # Below ~1000 rows the gap between `image` and `both` is within the noise of the test split with the tiny fixture
@@ -81,7 +84,12 @@ def frozen_runs(tmp_path_factory, embeddings) -> dict[str, dict]:
 
 
 def read_embeddings_table(folder: str) -> pa.Table:
-    return pa.concat_tables([pq.read_table(path) for path in sorted(glob.glob(embeddings_glob(folder)))])
+    """The embeddings of an output folder with the per-modality vectors as columns, whatever --vectors stored
+    (they are slices of `embedding` by default), and the files' metadata."""
+    paths = sorted(glob.glob(embeddings_glob(folder)))
+    schema = pq.read_schema(paths[0])
+    tables = [table for path in paths for table in iter_tables(path, available_columns(schema))]
+    return pa.concat_tables(tables).replace_schema_metadata(schema.metadata)
 
 
 def write_variant(table: pa.Table, folder, name: str = "embeddings-00000-of-00001.parquet") -> str:
@@ -177,7 +185,7 @@ def test_predict_job_matches_in_process_evaluation(frozen_runs, embeddings, tmp_
     code = predict.main(["--input", embeddings_glob(embeddings), "--model", os.path.join(trained, "model"),
                          "--output", output])
     assert code == 0
-    with open(os.path.join(output, predict.REPORT_NAME)) as handle:
+    with open(os.path.join(output, layout.REPORT_NAME)) as handle:
         report = json.load(handle)
     assert report["read"] == CORPUS_ROWS == report["predicted"] + report["dead_lettered"]
     assert report["dead_lettered"] == 0 and report["reconciled"] and report["passed"]
@@ -221,10 +229,10 @@ def test_predict_dead_letters_bad_rows_and_reconciles(frozen_runs, embeddings, t
     output = str(tmp_path / "scored")
     code = predict.main(["--input", source, "--model", model, "--output", output, "--max_error_rate", "0.2"])
     assert code == 0
-    report = json.loads(open(os.path.join(output, predict.REPORT_NAME)).read())
+    report = json.loads(open(os.path.join(output, layout.REPORT_NAME)).read())
     assert (report["read"], report["predicted"], report["dead_lettered"]) == (40, 37, 3)
     assert report["dead_lettered_by_reason"] == {"missing_id": 1, "not_finite": 1, "wrong_width": 1}
-    dead = pq.read_table(glob.glob(os.path.join(output, "dead_letters-*.parquet"))[0]).to_pylist()
+    dead = pq.read_table(os.path.join(output, layout.DEAD_LETTERS_DIR)).to_pylist()
     assert {(row["id"], row["reason"], row["stage"]) for row in dead} == {
         (ids[3], "not_finite", "predict"), (ids[7], "wrong_width", "predict"), (None, "missing_id", "predict")}
     assert all(row["source"].startswith(source + "#row") for row in dead)
@@ -241,14 +249,14 @@ def test_predict_refuses_input_of_other_encoders(frozen_runs, embeddings, tmp_pa
     table = read_embeddings_table(embeddings).slice(0, 10)
     metadata = dict(table.schema.metadata)
     spec = json.loads(metadata[cols.META_TEXT_ENCODER.encode()])
-    metadata[cols.META_TEXT_ENCODER.encode()] = json.dumps({**spec, "handle": "/elsewhere/other_text"}).encode()
+    metadata[cols.META_TEXT_ENCODER.encode()] = json.dumps({**spec, "fingerprint": "0" * 64}).encode()
     source = write_variant(table.replace_schema_metadata(metadata), tmp_path / "other")
     code = predict.main(["--input", source, "--model", os.path.join(frozen_runs["both"]["output"], "model"),
                          "--output", str(tmp_path / "out")])
     assert code == launch.EXIT_CONFIG
     err = one_line_error(capsys)
     assert "other encoders" in err and cols.META_TEXT_ENCODER in err
-    assert not os.path.exists(str(tmp_path / "out" / predict.REPORT_NAME))
+    assert not os.path.exists(str(tmp_path / "out" / layout.REPORT_NAME))
 
 
 # --- input checks ----------------------------------------------------------------------------------------------
@@ -258,7 +266,7 @@ def test_train_refuses_files_of_mixed_encoders(embeddings, tmp_path, capsys):
     table = read_embeddings_table(embeddings)
     metadata = dict(table.schema.metadata)
     spec = json.loads(metadata[cols.META_IMAGE_ENCODER.encode()])
-    metadata[cols.META_IMAGE_ENCODER.encode()] = json.dumps({**spec, "handle": "gs://other/image"}).encode()
+    metadata[cols.META_IMAGE_ENCODER.encode()] = json.dumps({**spec, "fingerprint": "0" * 64}).encode()
     folder = tmp_path / "mixed"
     write_variant(table.slice(0, 300), folder, "embeddings-00000-of-00002.parquet")
     write_variant(table.slice(300).replace_schema_metadata(metadata), folder, "embeddings-00001-of-00002.parquet")
@@ -418,3 +426,26 @@ def test_predict_refuses_a_local_model_on_a_cluster_runner(frozen_runs, embeddin
                          "model"), "--output", str(tmp_path / "out"), "--runner", "DataflowRunner"])
     assert code == launch.EXIT_CONFIG
     assert "is a local folder that DataflowRunner workers cannot read" in one_line_error(capsys)
+
+
+def test_train_and_predict_take_the_folder_and_every_storage_choice(frozen_runs, sample_corpus, fixture_encoders,
+                                                                     tmp_path):
+    """The default run stores `embedding` alone (the fixtures above); here the per-modality columns alone, as
+    float16: the same model trains on it, and predict scores it, both given the output folder, not a glob."""
+    output = str(tmp_path / "half")
+    report = embed_corpus.run(["--input", sample_corpus, "--output", output, "--vectors", "modalities",
+                               "--float16", "--image_encoder", fixture_encoders["image"],
+                               "--text_encoder", fixture_encoders["text"]])
+    assert report.passed and cols.EMBEDDING not in pq.read_schema(glob.glob(embeddings_glob(output))[0]).names
+    trained = str(tmp_path / "classifier")
+    assert train_classifier.main(["--input", output, "--output", trained, "--features", "both", *SPLIT_FLAGS]) == 0
+    with open(os.path.join(trained, train_classifier.REPORT_NAME)) as handle:
+        accuracy = json.load(handle)["metrics"]["accuracy"]
+    assert accuracy >= frozen_runs["both"]["report"]["metrics"]["accuracy"] - 0.03
+    # The model trained on float32 slices of `embedding` scores the float16 per-modality columns.
+    scored = str(tmp_path / "scored")
+    assert predict.main(["--input", output, "--model", os.path.join(frozen_runs["both"]["output"], "model"),
+                         "--output", scored]) == 0
+    assert len(pd.read_parquet(scored)) == CORPUS_ROWS
+    assert {name for name in os.listdir(scored) if not name.startswith("predictions-")} == {
+        "_SUCCESS", "_dead_letters", "_run_report.json"}

@@ -76,8 +76,9 @@ def test_output_of_an_earlier_run_is_not_overwritten_silently(capsys, tmp_path, 
     capsys.readouterr()
     fails_in_one_line(capsys, argv, "already holds a run's output", "--overwrite")
     assert main([*argv, "--overwrite", "--num_shards", "1"]) == 0
-    assert sorted(f for f in os.listdir(tmp_path / "o") if f.endswith(".parquet")) == [
-        "dead_letters-00000-of-00001.parquet", "embeddings-00000-of-00001.parquet"]
+    assert sorted(os.listdir(tmp_path / "o")) == [
+        "_SUCCESS", "_dead_letters", "_run_report.json", "embeddings-00000-of-00001.parquet"]
+    assert os.listdir(tmp_path / "o" / "_dead_letters") == ["dead_letters-00000-of-00001.parquet"]
 
 
 def test_passthrough_may_not_shadow_output_columns(capsys, tmp_path, manifest, fixture_encoders):

@@ -19,8 +19,9 @@ from transforms.embed import make_image_decoder
 
 
 def embed(encoders: dict, input_path: str, output: str, *extra: str):
+    """The job with every vector column stored (--vectors both), so the tests can compare them."""
     return run(["--input", input_path, "--output", output, "--image_encoder", encoders["image"],
-                "--text_encoder", encoders["text"], "--runner", "DirectRunner", *extra])
+                "--text_encoder", encoders["text"], "--runner", "DirectRunner", "--vectors", "both", *extra])
 
 
 def expected_vectors(encoders: dict, rows: list[dict]) -> dict[str, np.ndarray]:
@@ -90,7 +91,7 @@ def test_output_files_match_the_schema_and_carry_metadata(fixture_encoders, tmp_
     frame = read_parquet_dir(output, "embeddings").to_pandas()
     assert len(frame) == 5 and frame["id"].is_unique
     assert all(len(vector) == 14 for vector in frame["embedding"])
-    report = json.load(open(os.path.join(output, "run_report.json")))
+    report = json.load(open(os.path.join(output, "_run_report.json")))
     assert report["read"] == 5 and report["reconciled"] and report["passed"]
 
 
@@ -160,7 +161,7 @@ def test_text_only_run_has_no_image_columns(fixture_encoders, tmp_path):
         handle.write(json.dumps({"id": "image-but-no-text", "image": "images/item-0.img"}) + "\n")
     output = str(tmp_path / "out")
     report = run(["--input", manifest, "--output", output, "--image_encoder", "none",
-                  "--text_encoder", fixture_encoders["text"], "--max_error_rate", "0.5"])
+                  "--text_encoder", fixture_encoders["text"], "--max_error_rate", "0.5", "--vectors", "both"])
     table = read_parquet_dir(output, "embeddings")
     assert table.schema.equals(cols.embeddings_schema(None, 6), check_metadata=False)
     assert (report.embedded, report.dead_lettered_by_reason) == (4, {"no_modality": 1})
@@ -174,8 +175,8 @@ def test_image_only_run_with_l2_normalisation(fixture_encoders, tmp_path):
     run(["--input", manifest, "--output", output, "--image_encoder", fixture_encoders["image"],
          "--text_encoder", "none", "--l2_normalize"])
     table = read_parquet_dir(output, "embeddings")
-    assert cols.TEXT_EMBEDDING not in table.column_names
-    vectors = np.stack(table.column("image_embedding").to_numpy(zero_copy_only=False))
+    assert cols.TEXT_EMBEDDING not in table.column_names and cols.HAS_TEXT not in table.column_names
+    vectors = np.stack(table.column(cols.EMBEDDING).to_numpy(zero_copy_only=False))  # the image's alone
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     assert cols.read_metadata(table.schema)[cols.META_L2_NORMALIZE] == "true"
 

@@ -121,7 +121,7 @@ def test_bad_option_values_fail_at_start(capsys, tmp_path, manifest, fixture_enc
     fails_in_one_line(capsys, ["--input", manifest, "--output", str(tmp_path / "o"),
                                "--image_encoder", fixture_encoders["image"], "--text_encoder",
                                fixture_encoders["text"], *flags], fragment)
-    assert not os.path.exists(tmp_path / "o" / "run_report.json")
+    assert not os.path.exists(tmp_path / "o" / "_run_report.json")
 
 
 def test_output_with_glob_characters_is_refused_and_deletes_nothing(capsys, tmp_path, manifest, fixture_encoders):
@@ -148,8 +148,8 @@ def test_unwritable_output_fails_at_start(capsys, tmp_path, manifest, fixture_en
 
 
 def test_another_jobs_output_is_never_overwritten(capsys, tmp_path, manifest, fixture_encoders):
-    from beam_jobs.launch import JobConfigError, claim_output
-    from beam_jobs.predict import DEAD_LETTERS_PREFIX, PREDICTIONS_PREFIX, REPORT_NAME
+    from beam_jobs.launch import JobConfigError
+    from beam_jobs.output_folder import claim
 
     output = str(tmp_path / "emb")
     assert main(["--input", manifest, "--output", output, "--image_encoder", fixture_encoders["image"],
@@ -157,10 +157,9 @@ def test_another_jobs_output_is_never_overwritten(capsys, tmp_path, manifest, fi
     before = sorted(os.listdir(output))
     # What predict claims when its --output is an embeddings folder, with --overwrite.
     with pytest.raises(JobConfigError, match="holds the output of embed_corpus, not of predict"):
-        claim_output(output, {"predictions": PREDICTIONS_PREFIX, "dead_letters": DEAD_LETTERS_PREFIX},
-                     REPORT_NAME, True, "predict")
+        claim(output, "predictions", "predict", overwrite=True)
     assert sorted(os.listdir(output)) == before
-    with open(os.path.join(output, "run_report.json")) as handle:
+    with open(os.path.join(output, "_run_report.json")) as handle:
         assert json.load(handle)["job"] == "embed_corpus"
 
 

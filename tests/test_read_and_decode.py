@@ -126,4 +126,4 @@ def test_webdataset_member_names_with_folders(fixture_encoders, tmp_path):
     rows = {row["id"]: row for row in read_parquet_dir(output, "embeddings").to_pylist()}
     assert set(rows) == {"a/b/x1", "a/b/x2"}
     assert rows["a/b/x2"]["label"] == "7" and not rows["a/b/x2"]["has_image"]
-    assert os.path.exists(os.path.join(output, "run_report.json"))
+    assert os.path.exists(os.path.join(output, "_run_report.json"))

@@ -20,12 +20,14 @@ from apache_beam.io.filesystems import FileSystems
 from encoders.hub_module import EncoderSpec, keras_layer
 from encoders.runtime import hub, tf, tf_keras
 from schemas import embeddings as cols
-from schemas.records import Record
+from schemas.layout import PARQUET_SUFFIX
+from schemas.records import Reason, Record, Stage
 from transforms.classify import HeadConfig, ModalityDropout, build_head, modality_columns
-from transforms.embed import make_image_decoder
+from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
+from transforms.embed import ImageDecodeError, ImageDecoder, make_image_decoder
 from transforms.prepare import PrepareRecords
 from transforms.read import ReadCorpus
-from transforms.write import PARQUET_SUFFIX, WriteDeadLetters
+from transforms.write import WriteDeadLetters
 
 RECORDS_SCHEMA = pa.schema([
     pa.field(cols.ID, pa.string(), nullable=False),
@@ -34,24 +36,53 @@ RECORDS_SCHEMA = pa.schema([
     pa.field("text", pa.string()),
 ])
 IMAGE_INPUT, TEXT_INPUT = "image", "text"  # the Keras model's input names, beside has_image / has_text
+CHECK_IMAGE_SIZE = 32  # what CheckImagesDecode decodes to: whether an image decodes does not depend on the size
 
 
 def record_row(record: Record) -> dict:
     return {cols.ID: record.id, cols.LABEL: record.label, "image_bytes": record.image_bytes, "text": record.text}
 
 
+class CheckImagesDecode(beam.DoFn):
+    """Decode each record's image once with the embedding job's decoder and dead-letter those it refuses (corrupt
+    past the header, a JPEG whose data ends early), as the embedding job does: training decodes the images again
+    outside the pipeline, where one bad image would stop it."""
+
+    def __init__(self):
+        self._decoder: ImageDecoder | None = None
+
+    def setup(self):
+        self._decoder = ImageDecoder(CHECK_IMAGE_SIZE)
+
+    def process(self, record: Record):
+        if record.image_bytes is not None:
+            try:
+                self._decoder(record.image_bytes)
+            except ImageDecodeError as error:
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG,
+                                               dead_letter(record, Stage.EMBED, Reason.IMAGE_CORRUPT, error))
+                return
+        yield record
+
+
 def build_records_pipeline(pipeline: beam.Pipeline, path: str, input_format: str, use_image: bool,
                            use_text: bool, max_image_pixels: int, records_prefix: str,
                            dead_letters_prefix: str) -> None:
-    """read → prepare → records Parquet (id, label, image bytes, text); dead letters as the embedding job's."""
+    """read → prepare → image decode check → records Parquet (id, label, image bytes, text); dead letters as the
+    embedding job's."""
     records, unreadable = pipeline | "ReadCorpus" >> ReadCorpus(path, input_format)
     prepared, unprepared = records | "PrepareRecords" >> PrepareRecords(
         use_image=use_image, use_text=use_text, max_image_pixels=max_image_pixels)
+    undecodable = []
+    if use_image:
+        checked = prepared | "CheckImagesDecode" >> beam.ParDo(CheckImagesDecode()).with_outputs(
+            DEAD_LETTER_TAG, main="records")
+        prepared, undecodable = checked.records, [checked[DEAD_LETTER_TAG]]
     _ = (prepared
          | "ToRows" >> beam.Map(record_row)
          | "WriteRecords" >> beam.io.WriteToParquet(records_prefix, schema=RECORDS_SCHEMA,
                                                     file_name_suffix=PARQUET_SUFFIX))
-    _ = ((unreadable, unprepared)
+    _ = ((unreadable, unprepared, *undecodable)
          | "AllDeadLetters" >> beam.Flatten()
          | "WriteDeadLetters" >> WriteDeadLetters(dead_letters_prefix))
 

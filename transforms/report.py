@@ -79,6 +79,7 @@ def build_report(report_class: type[ReportT], job: str, result, seconds: float, 
     read = totals.get(RECORDS_READ, 0)
     dead = totals.get(DEAD_LETTERED, 0)
     output_rows = {report_class.OUTPUT_NAME: totals.get(report_class.OUTPUT_COUNTER, 0)}
+    output_rows.update({field: totals.get(counter, 0) for field, counter in report_class.EXTRA_COUNTERS.items()})
     return report_class(
         job=job, read=read, dead_lettered=dead, **output_rows,
         dead_lettered_by_reason={name[len(DEAD_LETTER_REASON_PREFIX):]: value for name, value in sorted(totals.items())
@@ -96,10 +97,17 @@ def write_report(report: RunReport, path: str) -> None:
 
 def format_report(report: RunReport) -> str:
     """The short console table."""
-    rows = [("read", report.read), (report.OUTPUT_NAME, report.output_rows), ("dead-lettered", report.dead_lettered)]
+    rows = [("read", report.read), (report.OUTPUT_NAME, report.output_rows)]
+    if any(getattr(report, field) for field in report.EXTRA_COUNTERS):
+        rows += [("  embedded fresh", report.output_rows - sum(getattr(report, f) for f in report.EXTRA_COUNTERS))]
+        rows += [(f"  {field}", getattr(report, field)) for field in report.EXTRA_COUNTERS]
+    rows += [("dead-lettered", report.dead_lettered)]
     rows += [(f"  {reason}", count) for reason, count in report.dead_lettered_by_reason.items()]
     width = max(len(name) for name, _ in rows)
     lines = [f"{report.job}: run report"] + [f"  {name:<{width}}  {count:>10,}" for name, count in rows]
+    copied = sum(getattr(report, field) for field in report.EXTRA_COUNTERS)
+    if copied:
+        lines.append(f"  {'share reused':<{width}}  {copied / max(report.output_rows, 1):>10.1%}")
     lines.append(f"  {'time':<{width}}  {report.seconds:>9.1f}s   ({report.rows_per_second:,.1f} rows/s)")
     lines.append(f"  {'error rate':<{width}}  {report.error_rate:>10.2%}   (max {report.max_error_rate:.2%})")
     if not report.reconciled:

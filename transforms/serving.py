@@ -133,6 +133,26 @@ def read_model_info(model_dir: str) -> ModelInfo:
         return ModelInfo.from_dict(json.loads(handle.read()))
 
 
+def check_serving_model(model_dir: str, info: ModelInfo) -> None:
+    """Load the model once where the job starts: a folder with model_info.json but no loadable SavedModel (or one
+    whose serving signature does not take the inputs model_info.json lists) raises ValueError in one line, instead
+    of failing in every worker's setup(). The frozen-mode model is small (the transform graph and the head)."""
+    if not tf.saved_model.contains_saved_model(model_dir):
+        raise ValueError(f"{model_dir} holds {MODEL_INFO_NAME} but no SavedModel (no saved_model.pb)")
+    try:
+        model = tf.saved_model.load(model_dir)
+    except Exception as error:  # OSError, NotFoundError (variables missing), DecodeError, DataLossError
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ValueError(f"{model_dir} is not a loadable SavedModel: {reason[:300]}") from error
+    if info.signature not in model.signatures:
+        raise ValueError(f"{model_dir} has no {info.signature!r} signature (it has {', '.join(model.signatures)})")
+    _, inputs = model.signatures[info.signature].structured_input_signature
+    widths = {name: int(spec.shape[1]) if spec.shape.rank == 2 else 0 for name, spec in inputs.items()}
+    if widths != info.inputs:
+        raise ValueError(f"{model_dir}'s {info.signature!r} signature takes {widths}, but its {MODEL_INFO_NAME} "
+                         f"says {info.inputs}")
+
+
 class LoadedClassifier:
     """One serving model loaded in this process (built by `shared.Shared`, shared by every DoFn thread)."""
 

@@ -12,6 +12,7 @@ model embeds the same layer, so training and serving cannot scale differently.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
@@ -30,7 +31,7 @@ from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 # isort: on
 from schemas import embeddings as cols
 from transforms.embeddings_input import FEATURE_COLUMNS, MASK_OF, VECTOR_COLUMNS, iter_tables, vectors
-from transforms.split import TRAIN, split_of
+from transforms.split import SPLITS, TRAIN, split_of
 
 FEATURES = "features"  # transformed: the z-scored vector (concatenated, image first, for `both`) [B, d]
 MODALITY_MASK = "modality_mask"  # transformed, `both` only: [has_image, has_text] as float32 [B, 2]
@@ -78,25 +79,49 @@ def make_preprocessing_fn(features: str, top_k: int | None, frequency_threshold:
     return preprocessing_fn
 
 
-def labeled_rows(table: pa.Table, features: str, dims: dict[str, int], validation_ratio: float,
-                 test_ratio: float) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """A Table of embeddings → the rows a classifier can learn from, as arrays with their split, and skip counts.
+@dataclasses.dataclass
+class SkippedRows:
+    """The rows of a table a classifier cannot learn from, by reason; each row counts under its first reason."""
 
-    Skipped: rows without a label, and (single-modality features) rows without that modality, whose vector is
-    only the zeros the embedding job writes for a missing modality.
+    unlabeled: int = 0
+    missing_modality: int = 0
+    non_finite: dict[str, list[str]] = dataclasses.field(
+        default_factory=lambda: {split: [] for split in SPLITS})  # split → ids of rows with NaN / inf vectors
+
+    def counts(self) -> dict[str, int]:
+        """The training report's `rows` entries: skipped_non_finite in total and per split."""
+        return {"skipped_unlabeled": self.unlabeled, "skipped_missing_modality": self.missing_modality,
+                "skipped_non_finite": sum(len(ids) for ids in self.non_finite.values()),
+                **{f"skipped_non_finite_{split}": len(self.non_finite[split]) for split in SPLITS}}
+
+
+def labeled_rows(table: pa.Table, features: str, dims: dict[str, int], validation_ratio: float,
+                 test_ratio: float) -> tuple[dict[str, np.ndarray], SkippedRows]:
+    """A Table of embeddings → the rows a classifier can learn from, as arrays with their split, and what was
+    skipped.
+
+    Skipped: rows without a label; (single-modality features) rows without that modality, whose vector is only
+    the zeros the embedding job writes for a missing modality; rows with NaN or infinity in a vector the features
+    use (for `both`, a missing modality's vector too: the transform scales it before masking it). One such row
+    would make the z-score statistics NaN, and with them every transformed row.
     """
     labels = table.column(cols.LABEL).to_pylist()
     keep = np.array([label is not None and label.strip() != "" for label in labels], bool)
-    skipped = {"unlabeled": int((~keep).sum()), "missing_modality": 0}
+    skipped = SkippedRows(unlabeled=int((~keep).sum()))
     columns = vector_columns(features)
     if len(columns) == 1:
         present = np.asarray(table.column(MASK_OF[columns[0]]).to_numpy(zero_copy_only=False), bool)
-        skipped["missing_modality"] = int((keep & ~present).sum())
+        skipped.missing_modality = int((keep & ~present).sum())
         keep &= present
-    rows = {cols.ID: np.array(table.column(cols.ID).to_pylist(), object)[keep],
-            cols.LABEL: np.array(labels, object)[keep]}
+    all_vectors = {column: vectors(table.column(column), dims[column]) for column in columns}
+    finite = np.logical_and.reduce([np.isfinite(values).all(axis=1) for values in all_vectors.values()])
+    ids = np.array(table.column(cols.ID).to_pylist(), object)
+    for row_id in ids[keep & ~finite]:
+        skipped.non_finite[split_of(row_id, validation_ratio, test_ratio)].append(row_id)
+    keep &= finite
+    rows = {cols.ID: ids[keep], cols.LABEL: np.array(labels, object)[keep]}
     for column in columns:
-        rows[column] = vectors(table.column(column), dims[column])[keep]
+        rows[column] = all_vectors[column][keep]
         rows[MASK_OF[column]] = np.asarray(table.column(MASK_OF[column]).to_numpy(zero_copy_only=False),
                                            np.float32)[keep]
     rows[SPLIT] = np.array([split_of(row_id, validation_ratio, test_ratio) for row_id in rows[cols.ID]], object)

@@ -12,9 +12,8 @@ import apache_beam as beam
 import pyarrow as pa
 
 from schemas.dead_letters import DEAD_LETTER_SCHEMA
+from schemas.layout import PARQUET_SUFFIX
 from transforms.dead_letters import CountDeadLetters
-
-PARQUET_SUFFIX = ".parquet"
 
 
 class WriteEmbeddings(beam.PTransform):

@@ -1,0 +1,48 @@
+"""Checkpoints: each batch the encoders finish is also written under the output's `_staging/checkpoints/`.
+
+A killed run's rerun reads them back as one more reuse source (transforms.reuse), so it embeds again at most the
+batches that were in flight when it died. They are Parquet files of the output schema, fingerprints and
+`hubembed.reuse_key` included, written under a temporary name and renamed, so a file there is always whole; the
+run that publishes deletes them with the rest of `_staging/`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from schemas import layout
+
+
+def checkpoint_files(folder: str) -> list[str]:
+    """The whole checkpoint files under `folder` (none if it does not exist)."""
+    try:
+        result = FileSystems.match([FileSystems.join(folder, "part-*" + layout.PARQUET_SUFFIX)])[0]
+    except Exception:  # BeamIOError on filesystems that refuse to match a missing folder
+        return []
+    return sorted(metadata.path for metadata in result.metadata_list)
+
+
+class CheckpointBatches(beam.DoFn):
+    """Tables of freshly embedded rows → the same tables, each first written to `folder` as one Parquet file."""
+
+    def __init__(self, folder: str):
+        self._folder = folder
+
+    def setup(self):
+        if not FileSystems.exists(self._folder):
+            FileSystems.mkdirs(self._folder)
+
+    def process(self, table: pa.Table) -> Iterator[pa.Table]:
+        if table.num_rows:
+            name = f"part-{uuid.uuid4().hex}{layout.PARQUET_SUFFIX}"
+            temporary = FileSystems.join(self._folder, "." + name)  # a leading dot: no reader takes it for data
+            with FileSystems.create(temporary) as handle:
+                pq.write_table(table, handle, compression="snappy")
+            FileSystems.rename([temporary], [FileSystems.join(self._folder, name)])
+        yield table

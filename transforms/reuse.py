@@ -1,0 +1,252 @@
+"""Reuse: a record unchanged since an earlier output takes its vectors from there, never decoded nor embedded.
+
+Unchanged means: the same id, the same image bytes and text (their SHA-256, columns of every output, so reuse needs
+no other state), and the same encoders, preprocessing, L2 setting and storage (the `hubembed.reuse_key` of the
+files, checked at start). The label and passthrough columns come from today's input: they are not inputs of the
+encoders, so a changed label alone does not re-embed.
+
+    prepared records ──► Fingerprint ──► SplitByReuse ◄── ReadReusable(earlier outputs, a killed run's checkpoints)
+                                           │ unchanged: (record, stored vectors) ──► ReusedToTables ──► the sink
+                                           ▼ new or changed
+                                     EmbedRecords
+
+The join is a CoGroupByKey on the id: its cost is reading the reused files and shuffling their rows once; records
+gone from the input have no record in their group and are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import posixpath
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from schemas import embeddings as cols
+from schemas import layout
+from schemas.records import Record
+from transforms.dead_letters import METRICS_NAMESPACE, RECORDS_EMBEDDED
+from transforms.rows import record_columns
+
+log = logging.getLogger("hubembed")
+
+REUSED_TAG = "reused"
+RECORDS_REUSED = "records_reused"  # rows taken from --reuse outputs
+RECORDS_RESUMED = "records_resumed"  # rows taken from this output's checkpoints (a killed run's finished batches)
+ORIGIN_REUSE, ORIGIN_CHECKPOINT = "reuse", "checkpoint"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(record: Record) -> Record:
+    """The record with the SHA-256 of what the encoders will see: the image bytes and the UTF-8 text."""
+    return dataclasses.replace(
+        record,
+        image_sha256=sha256_hex(record.image_bytes) if record.image_bytes is not None else None,
+        text_sha256=sha256_hex(record.text.encode("utf-8")) if record.text is not None else None,
+    )
+
+
+class ReuseConfigError(ValueError):
+    """A --reuse output that cannot be reused; the message is one line, fit for the console."""
+
+
+def reuse_key(metadata: Mapping[str, str]) -> str:
+    """The digest that must be equal for an output's vectors to be reused: the encoders' content identity (not
+    their paths), the image preprocessing, L2 and layout (`embeddings_identity`), and how the vectors are stored."""
+    from transforms.embeddings_input import embeddings_identity  # imports the encoders' TF runtime
+
+    identity = {"identity": embeddings_identity(dict(metadata)), "storage": metadata.get(cols.META_STORAGE)}
+    return sha256_hex(json.dumps(identity, sort_keys=True).encode())
+
+
+def _file_reuse_key(path: str) -> str | None:
+    with FileSystems.open(path) as handle:
+        return cols.read_metadata(pq.ParquetFile(handle).schema_arrow).get(cols.META_REUSE_KEY)
+
+
+def _matches(pattern: str) -> list[str]:
+    try:
+        return sorted(m.path for result in FileSystems.match([pattern]) for m in result.metadata_list)
+    except Exception:  # BeamIOError when nothing matches
+        return []
+
+
+def find_reusable_files(patterns: Sequence[str], key: str) -> list[tuple[str, str]]:
+    """The embeddings files of the published outputs (`_SUCCESS`) that `patterns` (folders or globs of folders)
+    name, as (path, ORIGIN_REUSE). Raises ReuseConfigError for an output made with other encoders or settings;
+    an output without `_SUCCESS` (a failed or running night) is never read."""
+    files: list[tuple[str, str]] = []
+    for pattern in patterns:
+        folders = [posixpath.dirname(path) for path in _matches(FileSystems.join(pattern.rstrip("/"),
+                                                                                   layout.SUCCESS_NAME))]
+        if not folders:
+            log.warning("--reuse %s names no published output (no _SUCCESS): nothing reused from it", pattern)
+        for folder in folders:
+            paths = _matches(FileSystems.join(folder, layout.EMBEDDINGS_PREFIX + "-*" + layout.PARQUET_SUFFIX))
+            if not paths:
+                continue
+            found = _file_reuse_key(paths[0])
+            if found != key:
+                why = "has no content fingerprints (written before reuse existed)" if found is None else \
+                    "was embedded with other encoders, preprocessing, L2 setting or storage"
+                raise ReuseConfigError(f"--reuse {folder} {why}: its vectors cannot be reused by this run; "
+                                       "drop it from --reuse")
+            files += [(path, ORIGIN_REUSE) for path in paths]
+    return sorted(set(files))
+
+
+def usable_checkpoints(paths: Sequence[str], key: str) -> list[tuple[str, str]]:
+    """A killed run's checkpoint files that this run can take back: those made with the same reuse key."""
+    usable = [path for path in paths if _file_reuse_key(path) == key]
+    if len(usable) < len(paths):
+        log.info("ignoring %d checkpoint files of a run with other settings", len(paths) - len(usable))
+    return [(path, ORIGIN_CHECKPOINT) for path in usable]
+
+
+@dataclasses.dataclass
+class StoredRow:
+    """One row of an earlier output: its content fingerprints, masks and vector columns as they were stored."""
+
+    image_sha256: str | None
+    text_sha256: str | None
+    vectors: dict[str, np.ndarray]
+    origin: str
+    path: str
+
+    def matches(self, record: Record) -> bool:
+        return (self.image_sha256, self.text_sha256) == (record.image_sha256, record.text_sha256)
+
+
+def read_stored_rows(path: str, origin: str, vector_columns: Sequence[str]) -> Iterator[tuple[str, StoredRow]]:
+    """(id, StoredRow) for every row of one output file, read a record batch at a time."""
+    wanted = [cols.ID, cols.IMAGE_SHA256, cols.TEXT_SHA256, *vector_columns]
+    with FileSystems.open(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        present = [name for name in wanted if name in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=1024, columns=present):
+            table = pa.Table.from_batches([batch])
+            ids = table.column(cols.ID).to_pylist()
+            column = {name: table.column(name).to_pylist() if name in table.column_names else [None] * len(ids)
+                      for name in (cols.IMAGE_SHA256, cols.TEXT_SHA256)}
+            vectors = {name: _fixed_size_matrix(table.column(name)) for name in vector_columns}
+            for index, row_id in enumerate(ids):
+                yield row_id, StoredRow(
+                    image_sha256=column[cols.IMAGE_SHA256][index], text_sha256=column[cols.TEXT_SHA256][index],
+                    vectors={name: matrix[index].copy() for name, matrix in vectors.items()},
+                    origin=origin, path=path)
+
+
+def _fixed_size_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed_size_list column → [rows, dim] in its stored dtype, the bits untouched."""
+    array = column.combine_chunks()
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
+
+
+class ReadStored(beam.PTransform):
+    """Output files (each with its origin) → (id, StoredRow)."""
+
+    def __init__(self, files: Sequence[tuple[str, str]], vector_columns: Sequence[str]):
+        super().__init__()
+        self._files = list(files)
+        self._vector_columns = tuple(vector_columns)
+
+    def expand(self, pipeline):
+        vector_columns = self._vector_columns
+        return (pipeline
+                | "Files" >> beam.Create(self._files)
+                | "Rows" >> beam.FlatMap(lambda file: read_stored_rows(file[0], file[1], vector_columns)))
+
+
+def choose_stored(group: tuple[str, dict[str, Iterable]]) -> Iterator:
+    """One id's record (if the input still has it) and its stored rows → the record to embed, or the record and
+    the stored row to copy (tagged REUSED_TAG). A checkpoint of this output wins over --reuse outputs, then the
+    path that sorts last (the newest `dt=` partition): any choice holds the same bits for the same content."""
+    _, grouped = group
+    records = list(grouped["record"])
+    if not records:
+        return  # gone from the input: gone from the output
+    record = records[0]
+    candidates = [row for row in grouped["stored"] if row.matches(record)]
+    if not candidates:
+        yield record
+        return
+    best = max(candidates, key=lambda row: (row.origin == ORIGIN_CHECKPOINT, row.path))
+    yield beam.pvalue.TaggedOutput(REUSED_TAG, (record, best))
+
+
+class SplitByReuse(beam.PTransform):
+    """(fingerprinted records, stored rows) → (records to embed, (record, stored row) pairs to copy)."""
+
+    def expand(self, inputs):
+        records, stored = inputs
+        keyed = records | "KeyById" >> beam.Map(lambda record: (record.id, record))
+        outputs = ({"record": keyed, "stored": stored}
+                   | "JoinById" >> beam.CoGroupByKey()
+                   | "Choose" >> beam.FlatMap(choose_stored).with_outputs(REUSED_TAG, main="fresh"))
+        return outputs.fresh, outputs[REUSED_TAG]
+
+
+class ReusedToTable(beam.DoFn):
+    """A batch of (record, stored row) → one pyarrow Table of the output schema, the stored vectors copied."""
+
+    def __init__(self, schema: pa.Schema, passthrough: Sequence[str], vector_columns: Sequence[str]):
+        self._schema = schema
+        self._passthrough = tuple(passthrough)
+        self._vector_columns = tuple(vector_columns)
+        self._reused = Metrics.counter(METRICS_NAMESPACE, RECORDS_REUSED)
+        self._resumed = Metrics.counter(METRICS_NAMESPACE, RECORDS_RESUMED)
+        self._written = Metrics.counter(METRICS_NAMESPACE, RECORDS_EMBEDDED)  # every output row, fresh or reused
+
+    def process(self, batch: list[tuple[Record, StoredRow]]) -> Iterator[pa.Table]:
+        records = [record for record, _ in batch]
+        rows = [row for _, row in batch]
+        vectors = {name: np.stack([row.vectors[name] for row in rows]) for name in self._vector_columns}
+        # The masks say which modality was embedded: the same as which one has content, since the hashes match.
+        table = record_columns(records, self._schema, self._passthrough,
+                               np.array([record.image_sha256 is not None for record in records], bool),
+                               np.array([record.text_sha256 is not None for record in records], bool), vectors)
+        resumed = sum(row.origin == ORIGIN_CHECKPOINT for row in rows)
+        self._resumed.inc(resumed)
+        self._reused.inc(len(rows) - resumed)
+        self._written.inc(len(rows))
+        yield pa.Table.from_batches([table])
+
+
+class ReuseStoredVectors(beam.PTransform):
+    """prepared records → (records to embed, Tables of the rows whose vectors are copied from `files`).
+
+    Every record gets its content fingerprints (columns of the output either way); the join runs only when there
+    is something stored to reuse.
+    """
+
+    def __init__(self, files: Sequence[tuple[str, str]], schema: pa.Schema, passthrough: Sequence[str],
+                 max_batch_size: int):
+        super().__init__()
+        self._files = list(files)
+        self._schema = schema
+        self._passthrough = tuple(passthrough)
+        self._vector_columns = tuple(field.name for field in schema if pa.types.is_fixed_size_list(field.type))
+        self._max_batch_size = max_batch_size
+
+    def expand(self, records):
+        fingerprinted = records | "Fingerprint" >> beam.Map(fingerprint)
+        if not self._files:
+            return fingerprinted, records.pipeline | "NothingStored" >> beam.Create([])
+        stored = records.pipeline | "ReadStored" >> ReadStored(self._files, self._vector_columns)
+        fresh, reused = (fingerprinted, stored) | "SplitByReuse" >> SplitByReuse()
+        tables = (reused
+                  | "Batch" >> beam.BatchElements(min_batch_size=self._max_batch_size,
+                                                  max_batch_size=max(self._max_batch_size, 256))
+                  | "ToTables" >> beam.ParDo(ReusedToTable(self._schema, self._passthrough, self._vector_columns)))
+        return fresh, tables
