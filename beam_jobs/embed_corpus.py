@@ -12,8 +12,8 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import sys
-import time
 from importlib import metadata as package_metadata
 
 import apache_beam as beam
@@ -42,6 +42,7 @@ from transforms.write import WriteDeadLetters, WriteEmbeddings
 
 JOB_NAME = "embed_corpus"
 NO_ENCODER = "none"
+PROBE_CACHE_DIR = "_probes"  # in the encoder cache: what start-up learnt of each module's content
 
 log = logging.getLogger("hubembed")
 
@@ -143,7 +144,7 @@ def resolve_encoder(modality: str, handle: str, signature: str | None, output_ke
             raise JobConfigError(str(error)) from error
     spec = EncoderSpec(modality=modality, handle=handle, signature=signature, output_key=output_key, name=name)
     try:
-        return probe_encoder(spec, image_size)
+        return probe_encoder(spec, image_size, os.path.join(pretrained.cache_dir(cache_dir), PROBE_CACHE_DIR))
     except EncoderConfigError as error:
         raise JobConfigError(str(error)) from error
 
@@ -261,16 +262,9 @@ def run(argv: list[str] | None = None) -> EmbedRunReport:
     if plan.stored_files:
         log.info("reusing vectors from %d files (%d checkpoint files of a killed run)", len(plan.stored_files),
                  sum(origin == "checkpoint" for _, origin in plan.stored_files))
-    try:
-        pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, job, plan)
-        started = time.perf_counter()
-        result = pipeline.run()
-        result.wait_until_finish()
-        return output_folder.report_and_publish(EmbedRunReport, JOB_NAME, result, time.perf_counter() - started,
-                                                job.max_error_rate, plan.folder, plan.schema_metadata)
-    finally:
-        output_folder.release(plan.folder)
+    return output_folder.run_and_publish(options, lambda pipeline: build_pipeline(pipeline, job, plan),
+                                         EmbedRunReport, JOB_NAME, job.max_error_rate, plan.folder,
+                                         plan.schema_metadata)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,15 +39,11 @@ def job_main(argv: list[str] | None, prog: str, doc: str, options_class: type,
                                      epilog="Any other flag (--runner, --project, --region, ...) goes to Beam.")
     options_class._add_argparse_args(parser)
     parser.parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
-    try:
-        check_flag_spelling(argv)
-    except JobConfigError as error:
-        print(f"hubembed: error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("hubembed", "encoders"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
+        check_flag_spelling(argv)
         report = run(argv)
     except JobConfigError as error:
         print(f"hubembed: error: {error}", file=sys.stderr)

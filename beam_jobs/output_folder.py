@@ -18,10 +18,14 @@ import fcntl
 import json
 import logging
 import os
+import time
 import uuid
+from collections.abc import Callable
 from typing import IO, TypeVar
 
+import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.launch import JobConfigError, check_output_folder
 from schemas import layout
@@ -203,6 +207,22 @@ def release(folder: RunFolder) -> None:
     if folder.lock is not None:
         folder.lock.close()
         folder.lock = None
+
+
+def run_and_publish(options: PipelineOptions, build: Callable[[beam.Pipeline], None], report_class: type[ReportT],
+                    job: str, max_error_rate: float, folder: RunFolder, metadata: dict[str, str]) -> ReportT:
+    """Build the pipeline (`build`), run it, report, and publish the run when it passed; the folder is released
+    whatever happens."""
+    try:
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline)
+        started = time.perf_counter()
+        result = pipeline.run()
+        result.wait_until_finish()
+        return report_and_publish(report_class, job, result, time.perf_counter() - started, max_error_rate, folder,
+                                  metadata)
+    finally:
+        release(folder)
 
 
 def report_and_publish(report_class: type[ReportT], job: str, result, seconds: float, max_error_rate: float,

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -130,17 +129,9 @@ def run(argv: list[str] | None = None) -> pred.PredictRunReport:
     job = options.view_as(PredictOptions)
     plan = plan_job(job, options.view_as(StandardOptions).runner)
     log.info("model %s: %s features, labels %s", job.model, plan.info.features, ", ".join(plan.info.labels))
-    try:
-        pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, job, plan)
-        started = time.perf_counter()
-        result = pipeline.run()
-        result.wait_until_finish()
-        return output_folder.report_and_publish(pred.PredictRunReport, JOB_NAME, result,
-                                                time.perf_counter() - started, job.max_error_rate, plan.folder,
-                                                plan.schema_metadata)
-    finally:
-        output_folder.release(plan.folder)
+    return output_folder.run_and_publish(options, lambda pipeline: build_pipeline(pipeline, job, plan),
+                                         pred.PredictRunReport, JOB_NAME, job.max_error_rate, plan.folder,
+                                         plan.schema_metadata)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from beam_jobs.embed_corpus import run  # noqa: E402
 from encoders import pretrained  # noqa: E402
 from encoders.hub_module import EncoderSpec, LoadedEncoder, probe_encoder  # noqa: E402
 from scripts.make_sample_corpus import make_sample_corpus  # noqa: E402
-from transforms.embed import make_image_decoder  # noqa: E402
+from transforms.image_decode import make_image_decoder  # noqa: E402
 
 
 def bare_rate(encoder: LoadedEncoder, inputs: list, batch_size: int, prepare) -> float:

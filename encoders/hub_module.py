@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Literal
@@ -28,6 +29,7 @@ from encoders.runtime import hub, tf
 Modality = Literal["image", "text"]
 DEFAULT_IMAGE_SIZE = 224
 _PROBE_BATCH = 2
+PROBE_CACHE_VERSION = 1  # raise when what a probe checks changes: older remembered probes are then not used
 FINGERPRINT_FILE = "fingerprint.pb"  # written into every SavedModel by tf.saved_model.save since TF 2.12
 # What decides an encoder's vectors, so what must match for two runs' embeddings to be comparable: the module's
 # content and how it is called. Not the handle (where it lies) nor the name (what this project calls it).
@@ -169,12 +171,43 @@ def _probe_input(modality: Modality, image_size: int) -> tf.Tensor:
     return tf.constant(["hubembed start-up probe", ""])
 
 
-def probe_encoder(spec: EncoderSpec, image_size_flag: int | None = None) -> EncoderSpec:
+def _probe_cache_path(probe_cache: str, spec: EncoderSpec, image_size_flag: int | None) -> str | None:
+    """Where the probe of this module content, called this way, is remembered (None: its content is unknown)."""
+    try:
+        fingerprint = encoder_fingerprint(spec.handle)
+    except Exception:  # not there, not a SavedModel: the full probe says why, in one line
+        return None
+    key = json.dumps([PROBE_CACHE_VERSION, spec.modality, fingerprint, spec.signature, spec.output_key,
+                      image_size_flag])
+    return os.path.join(probe_cache, hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+
+def probe_encoder(spec: EncoderSpec, image_size_flag: int | None = None,
+                  probe_cache: str | None = None) -> EncoderSpec:
     """Load the module, run a tiny batch, and return the spec with its image size, output width and fingerprint.
 
     Raises EncoderConfigError with a one-line message for anything a user must fix: a handle that does not load,
     a module that does not take the modality's input, or an output that is not a [B, d] float tensor.
+    With `probe_cache` (a local folder), a module whose content was probed before, called the same way, is not
+    loaded again: its probe is read back by its content fingerprint (a nightly run saves loading each model twice).
     """
+    cached = _probe_cache_path(probe_cache, spec, image_size_flag) if probe_cache else None
+    if cached and os.path.exists(cached):
+        with open(cached, encoding="utf-8") as handle:
+            known = json.load(handle)
+        return dataclasses.replace(spec, image_size=known["image_size"], dim=known["dim"],
+                                   fingerprint=known["fingerprint"])
+    probed = _probe(spec, image_size_flag)
+    if cached:
+        os.makedirs(probe_cache, exist_ok=True)
+        temporary = f"{cached}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump({"image_size": probed.image_size, "dim": probed.dim, "fingerprint": probed.fingerprint}, handle)
+        os.replace(temporary, cached)  # whole or absent, whatever runs at once
+    return probed
+
+
+def _probe(spec: EncoderSpec, image_size_flag: int | None) -> EncoderSpec:
     try:
         layer = keras_layer(spec)
     except Exception as error:  # hub raises many kinds (OSError, ValueError, NotFoundError, HTTP errors)

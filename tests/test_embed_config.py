@@ -118,3 +118,20 @@ def test_console_script_dispatches_to_the_job(capsys):
     assert "--image_encoder" in capsys.readouterr().out
     assert hubembed(["no-such-command"]) == 2
     assert "hubembed embed" in capsys.readouterr().err
+
+
+def test_a_module_probed_before_is_not_loaded_again(tmp_path, fixture_encoders):
+    import shutil
+
+    from encoders.hub_module import EncoderConfigError, EncoderSpec, probe_encoder
+
+    module = str(tmp_path / "text")
+    shutil.copytree(fixture_encoders["text"], module)
+    probes = str(tmp_path / "probes")
+    first = probe_encoder(EncoderSpec("text", module), None, probes)
+    assert len(os.listdir(probes)) == 1
+    # Without its graph the module cannot load: the probe remembered by its content fingerprint still answers.
+    os.remove(os.path.join(module, "saved_model.pb"))
+    assert probe_encoder(EncoderSpec("text", module), None, probes) == first
+    with pytest.raises(EncoderConfigError, match="cannot load"):
+        probe_encoder(EncoderSpec("text", module))

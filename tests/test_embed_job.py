@@ -15,7 +15,7 @@ from schemas import embeddings as cols
 from schemas.dead_letters import DEAD_LETTER_SCHEMA
 from tests import corpus_builders as corpora
 from tests.conftest import read_parquet_dir
-from transforms.embed import make_image_decoder
+from transforms.image_decode import make_image_decoder
 
 
 def embed(encoders: dict, input_path: str, output: str, *extra: str):

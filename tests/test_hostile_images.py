@@ -28,7 +28,13 @@ from tests import corpus_builders as corpora
 from tests.conftest import read_parquet_dir
 from tests.test_embed_config import fails_in_one_line
 from transforms import fine_tune
-from transforms.embed import ImageDecodeError, ImageDecoder, decode_and_resize, exif_orientation, make_image_decoder
+from transforms.image_decode import (
+    ImageDecodeError,
+    ImageDecoder,
+    decode_and_resize,
+    exif_orientation,
+    make_image_decoder,
+)
 from transforms.prepare import IMAGE_HEAD_BYTES, check_image, fetch_and_check_image
 
 SIZE = 64  # decoder output size for the pixel comparisons

@@ -7,6 +7,7 @@ only: where records are read, embedded, and dead-lettered.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
@@ -58,18 +59,20 @@ def dead_letter(record: Record | None, stage: str, reason: str, error: Exception
 
 
 def telling_message(error: Exception) -> str:
-    """The message of `error` without TensorFlow's wrapping: TF puts "Graph execution error:" and the traceback of
-    the op's creation first, and what went wrong on a later line; keep that line (and what follows it)."""
+    """What went wrong, in the words of whoever said it, without TensorFlow's wrapping: "Graph execution error:" and
+    the traceback of the op's creation before the op's own line, and the {{function_node ...}}, [[{{node ...}}]]
+    and [Op:...] marks around it (the eager form a traced function with control flow raises)."""
     message = str(error) or type(error).__name__
     tf_message = getattr(error, "message", None)  # tf.errors.OpError keeps the op's own message here
     if isinstance(tf_message, str) and tf_message.strip():
         message = tf_message
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].rstrip(":") in ("Graph execution error", "Exception encountered when calling"):
-        detail = [line for line in lines[1:] if not line.startswith(("Detected at node", "File ", "Traceback",
-                                                                      "[[", "Call arguments", "•", "Stack trace"))]
-        lines = detail or lines
-    return " ".join(lines[:3]) if lines else message
+    telling = [line for line in lines if not line.startswith((
+        "Graph execution error", "Exception encountered when calling", "Detected at node", "File ", "Traceback",
+        "[[", "Call arguments", "•", "Stack trace"))]
+    text = " ".join((telling or lines)[:3])
+    text = re.sub(r"\[\[.*?\]\]|\{\{function_node [^}]*\}\}|\[Op:[^\]]*\]", "", text)
+    return " ".join(text.split()) or type(error).__name__
 
 
 class RouteOutputs(beam.DoFn):

@@ -10,7 +10,6 @@ floats in between.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
@@ -20,7 +19,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from encoders.hub_module import EncoderSpec, LoadedEncoder
-from encoders.runtime import configure_devices, tf
+from encoders.runtime import configure_devices
 from schemas import embeddings as cols
 from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import (
@@ -31,6 +30,7 @@ from transforms.dead_letters import (
     batch_or_one_by_one,
     dead_letter,
 )
+from transforms.image_decode import ImageDecodeError, ImageDecoder
 from transforms.report import ProgressLog
 from transforms.rows import record_columns
 
@@ -51,16 +51,6 @@ class EmbedConfig:
         return "|".join(spec.cache_tag if spec else "-" for spec in (self.image, self.text)) + "|" + self.device
 
 
-# Where the decoder looks for a JPEG's Exif orientation, and what libjpeg leaves where a JPEG's data ends early.
-EXIF_MAX_SEGMENTS = 16  # APP and comment segments walked for the Exif one (in practice the first, or the second)
-EXIF_MAX_ENTRIES = 64  # IFD0 entries read for Orientation (tags are sorted: 0x0112 comes among the first dozen)
-EXIF_ORIENTATION_TAG = 0x0112
-JPEG_FILL_GREY = 128  # all-zero coefficients: what libjpeg decodes where a JPEG's data ended early
-# Bytes fed to a suspect JPEG before its end marker (see ImageDecoder): the leading 0 makes a dangling 0xFF a stuffed
-# byte, and no 0xFF follows, so they hold no marker.
-JPEG_FILLER = b"\x00" + bytes((index * 167 + 13) % 255 for index in range(4095))
-
-
 class Encoders:
     """The per-process models: built once by `shared.Shared`, shared by every thread (hence weak-referenceable)."""
 
@@ -69,192 +59,6 @@ class Encoders:
         self.image = LoadedEncoder(config.image, device) if config.image else None
         self.text = LoadedEncoder(config.text, device) if config.text else None
         self.decode_image = ImageDecoder(config.image.image_size) if config.image else None
-
-
-def _numbers_at(data: tf.Tensor, pos: tf.Tensor, count: int, dtype: tf.DType, big_endian: bool) -> tf.Tensor:
-    """`count` integers of `dtype` stored from byte `pos` of `data`, as int64: zeros past the end, never an
-    out-of-range error."""
-    width = count * dtype.size
-    pos = tf.clip_by_value(tf.cast(pos, tf.int64), 0, tf.cast(tf.strings.length(data), tf.int64))
-    raw = tf.strings.substr(data, pos, width)
-    return tf.cast(tf.io.decode_raw(raw, dtype, little_endian=not big_endian, fixed_length=width), tf.int64)
-
-
-def _starts_with(data: tf.Tensor, prefix: bytes) -> tf.Tensor:
-    return tf.equal(tf.strings.substr(data, 0, len(prefix)), prefix)
-
-
-def _jpeg_exif_at(data: tf.Tensor) -> tf.Tensor:
-    """Offset of the TIFF header inside a JPEG's Exif APP1 segment, or -1: walks the APP (and comment) segments
-    after SOI; the tables and frame header that follow them end the walk."""
-    length = tf.cast(tf.strings.length(data), tf.int64)
-
-    def step(pos, found, steps):
-        marker, size = tf.unstack(_numbers_at(data, pos, 2, tf.uint16, big_endian=True))
-        app = tf.equal(tf.bitwise.bitwise_and(marker, 0xFFF0), 0xFFE0) | tf.equal(marker, 0xFFFE)  # APPn, COM
-        exif = tf.equal(marker, 0xFFE1) & tf.equal(tf.strings.substr(data, pos + 4, 6), b"Exif\x00\x00")
-        return tf.where(app, pos + 2 + size, length), tf.where(exif, pos + 10, found), steps + 1
-
-    def more(pos, found, steps):
-        return (found < 0) & (steps < EXIF_MAX_SEGMENTS) & (pos + 4 <= length)
-
-    _, found, _ = tf.while_loop(more, step, (tf.constant(2, tf.int64), tf.constant(-1, tf.int64), tf.constant(0)))
-    return found
-
-
-def _exif_orientation_at(data: tf.Tensor, tiff: tf.Tensor) -> tf.Tensor:
-    """The Orientation tag of the Exif IFD0 whose TIFF header is at `tiff`: 1 to 8 (1 when absent or invalid)."""
-    order = tf.strings.substr(data, tiff, 2)
-    big = tf.equal(order, b"MM")  # "II" is little-endian
-
-    def numbers(pos, count, dtype):  # in the TIFF's byte order
-        return tf.where(big, _numbers_at(data, pos, count, dtype, True), _numbers_at(data, pos, count, dtype, False))
-
-    valid = (big | tf.equal(order, b"II")) & tf.equal(numbers(tiff + 2, 1, tf.uint16)[0], 42)
-    ifd = tiff + numbers(tiff + 4, 1, tf.int32)[0]
-    count = numbers(ifd, 1, tf.uint16)[0]
-    # Entries of 12 bytes: tag, type, value count, then the value (a SHORT in its first 2 bytes, or a LONG).
-    shorts = tf.reshape(numbers(ifd + 2, 6 * EXIF_MAX_ENTRIES, tf.uint16), [EXIF_MAX_ENTRIES, 6])
-    longs = tf.reshape(numbers(ifd + 2, 3 * EXIF_MAX_ENTRIES, tf.int32), [EXIF_MAX_ENTRIES, 3])
-    tags, types = shorts[:, 0], shorts[:, 1]
-    values = tf.where(tf.equal(types, 4), longs[:, 2], shorts[:, 4])
-    hits = ((tf.range(EXIF_MAX_ENTRIES, dtype=tf.int64) < count) & tf.equal(tags, EXIF_ORIENTATION_TAG)
-            & (tf.equal(types, 3) | tf.equal(types, 4)))
-    value = tf.reduce_max(tf.where(hits, values, 0))
-    return tf.where(valid & (value >= 2) & (value <= 8), value, 1)
-
-
-def exif_orientation(data: tf.Tensor) -> tf.Tensor:
-    """The Exif orientation (1 to 8) of encoded image bytes, in graph ops: read from a JPEG's (or MPO's) Exif APP1
-    segment, 1 for other formats and for JPEGs without one."""
-    tiff = tf.cond(_starts_with(data, b"\xff\xd8"), lambda: _jpeg_exif_at(data), lambda: tf.constant(-1, tf.int64))
-    return tf.cond(tiff >= 0, lambda: _exif_orientation_at(data, tiff), lambda: tf.constant(1, tf.int64))
-
-
-def _orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
-    """Turn a square image upright as PIL.ImageOps.exif_transpose does: 2 mirrored, 3 rotated 180, 4 flipped,
-    5 transposed, 6 rotated 90 clockwise, 7 transversed, 8 rotated 90 anticlockwise (the transpose first, then
-    the mirrors)."""
-    image = tf.cond(orientation >= 5, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
-    mirror = tf.reduce_any(tf.equal(orientation, [2, 3, 6, 7]))  # left-right
-    flip = tf.reduce_any(tf.equal(orientation, [3, 4, 7, 8]))  # top-bottom
-    image = tf.cond(mirror, lambda: tf.reverse(image, [1]), lambda: image)
-    return tf.cond(flip, lambda: tf.reverse(image, [0]), lambda: image)
-
-
-def _palette_bmp(data: tf.Tensor) -> tf.Tensor:
-    """An 8-bit BMP's pixels: TF's BMP decoder reads its palette indices as grey levels, so look them up in the
-    palette (BGRA entries right after the info header)."""
-    indices = tf.cast(tf.io.decode_bmp(data, channels=0)[..., 0], tf.int32)
-    palette_at = 14 + _numbers_at(data, 14, 1, tf.int32, big_endian=False)[0]  # 14 + the info header's size
-    palette = tf.reshape(_numbers_at(data, palette_at, 1024, tf.uint8, big_endian=False), [256, 4])[:, 2::-1]
-    return tf.cast(tf.gather(palette, indices), tf.uint8)  # BGRA entries → RGB
-
-
-def _decode_rgb(data: tf.Tensor) -> tf.Tensor:
-    """Encoded bytes → [H, W, 3] uint8 as stored (before any Exif orientation)."""
-    bmp_8bit = _starts_with(data, b"BM") & tf.equal(_numbers_at(data, 28, 1, tf.uint16, big_endian=False)[0], 8)
-    # channels=3: grey and RGBA made RGB; expand_animations=False: a GIF's first frame.
-    return tf.cond(bmp_8bit, lambda: _palette_bmp(data),
-                   lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
-
-
-def _decode(data: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """(pixels, ends_grey): decode_and_resize's pixels, and whether the image is a JPEG whose last pixel is the flat
-    grey libjpeg writes where a JPEG's data ended early (see ImageDecoder)."""
-    stored = _decode_rgb(data)
-    # Decode to uint8 and convert after: TF's WebP decoder refuses a float32 dtype (the /255 is the same).
-    image = tf.image.convert_image_dtype(stored, tf.float32)
-    image = tf.clip_by_value(tf.image.resize(image, [size, size], method="bilinear"), 0.0, 1.0)
-    # Oriented after the resize: on the square image it is cheaper, and resizing commutes with transposes and mirrors.
-    pixels = _orient(image, exif_orientation(data))
-    ends_grey = _starts_with(data, b"\xff\xd8") & tf.reduce_all(tf.equal(stored[-1, -1], JPEG_FILL_GREY))
-    return pixels, ends_grey
-
-
-def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
-    """One encoded image (a scalar string tensor) → [size, size, 3] float32 in [0, 1], upright, in graph ops.
-
-    JPEG (and MPO's first picture), PNG, GIF (first frame), BMP (8-bit through its palette), still WebP; grey and
-    RGBA made RGB; turned upright by the JPEG's Exif orientation, as PIL.ImageOps.exif_transpose does. The one
-    decoder of the project: the embed step, fine-tune training and the fine-tuned serving model all call it, so
-    serving sees the pixels training saw.
-    """
-    return _decode(data, size)[0]
-
-
-def make_image_decoder(size: int):
-    """bytes → [size, size, 3] float32 in [0, 1] (decode_and_resize as one traced function, for eager callers)."""
-
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
-    def decode(data):
-        return decode_and_resize(data, size)
-
-    return decode
-
-
-def _jpeg_scan_end(data: bytes) -> int | None:
-    """Offset of the end marker after a JPEG's (first picture's) scans, or None: found past the segments before the
-    first scan, whose Exif thumbnail has markers of its own (inside scans, 0xFF is followed by 0 or a marker)."""
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        if data[pos + 1] == 0xDA:
-            end = data.find(b"\xff\xd9", pos)
-            return end if end >= 0 else None
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return None
-
-
-class ImageDecodeError(ValueError):
-    """Image bytes the decoder cannot give the image's pixels of: TF's decoders failed, or decoded filler."""
-
-
-def decode_error_line(error: tf.errors.OpError) -> str:
-    """What a TF decoder said went wrong, without TF's wrapping: "Graph execution error:" and the traceback of
-    the op's creation before it, the {{function_node ...}}, [[{{node ...}}]] and [Op:...] marks around it."""
-    lines = [line.strip() for line in error.message.splitlines()]
-    telling = [line for line in lines if line and not line.startswith(("Graph execution error", "Detected at node",
-                                                                        "File ", "[["))]
-    text = re.sub(r"\[\[.*?\]\]|\{\{function_node [^}]*\}\}|\[Op:[^\]]*\]", "", telling[0] if telling else "")
-    return " ".join(text.split()) or type(error).__name__
-
-
-class ImageDecoder:
-    """bytes → [size, size, 3] float32 in [0, 1] for the embed step and fine-tune training: decode_and_resize, plus
-    the one check the graph cannot make alone.
-
-    A JPEG whose data ends early (truncated then closed with an end marker, or whose frame header claims more rows
-    than its data holds) decodes without error: libjpeg only warns, which TF ignores, and fills the missing blocks
-    with flat grey. The graph flags a JPEG whose last pixel is that grey (rare in a photo); only those are decoded
-    again, with filler bytes before the end marker: a whole JPEG skips them (bytes before a marker) and decodes the
-    same, one whose data ended early decodes them into its missing blocks, which change.
-    """
-
-    def __init__(self, size: int):
-        spec = [tf.TensorSpec([], tf.string)]
-        self._decode = tf.function(lambda data: _decode(data, size), input_signature=spec)
-        self._decode_stored = tf.function(_decode_rgb, input_signature=spec)
-
-    def __call__(self, data: bytes) -> np.ndarray:
-        """Raises ImageDecodeError, in the decoder's words, for bytes it cannot give the image's pixels of."""
-        try:
-            pixels, ends_grey = self._decode(tf.constant(data))
-        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
-            raise ImageDecodeError(decode_error_line(error)) from error
-        if ends_grey and self._ends_early(data):
-            raise ImageDecodeError("the JPEG's data ends before its last rows (truncated, or its header claims more "
-                                   "rows than it holds): the decoder would fill them with grey")
-        return pixels.numpy()
-
-    def _ends_early(self, data: bytes) -> bool:
-        end = _jpeg_scan_end(data)
-        if end is None:
-            return False
-        padded = data[:end] + JPEG_FILLER + data[end:]
-        try:
-            return not np.array_equal(self._decode_stored(data).numpy(), self._decode_stored(padded).numpy())
-        except tf.errors.InvalidArgumentError:  # the filler was read as image data, and broke it
-            return True
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@ trainable `hub.KerasLayer` encoders under the classifier head.
 
 The records come from the same `ReadCorpus` + `PrepareRecords` the embedding job runs, in a Beam pipeline whose
 dead letters go to the same sink, and images are decoded by the same TensorFlow decoder
-(`transforms.embed.make_image_decoder`), so the fine-tuned model sees the pixels the frozen encoders saw.
+(`transforms.image_decode.make_image_decoder`), so the fine-tuned model sees the pixels the frozen encoders saw.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from schemas.layout import PARQUET_SUFFIX
 from schemas.records import Reason, Record, Stage
 from transforms.classify import HeadConfig, ModalityDropout, build_head, modality_columns
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
-from transforms.embed import ImageDecodeError, ImageDecoder, make_image_decoder
+from transforms.image_decode import ImageDecodeError, ImageDecoder, make_image_decoder
 from transforms.prepare import PrepareRecords
 from transforms.read import ReadCorpus
 from transforms.write import WriteDeadLetters

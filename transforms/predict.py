@@ -21,7 +21,14 @@ from schemas import embeddings as cols
 from schemas import predictions as pred
 from schemas.records import DeadLetter
 from schemas.training import ModelInfo
-from transforms.dead_letters import DEAD_LETTER_TAG, METRICS_NAMESPACE, batch_or_one_by_one, route
+from transforms.dead_letters import (
+    DEAD_LETTER_TAG,
+    METRICS_NAMESPACE,
+    FailureRun,
+    batch_or_one_by_one,
+    route,
+    telling_message,
+)
 from transforms.embeddings_input import MASK_OF, iter_tables
 
 RECORDS_PREDICTED = pred.PredictRunReport.OUTPUT_COUNTER
@@ -107,10 +114,12 @@ class PredictBatch(beam.DoFn):
         self._model_cache = model_cache
         self._predicted = Metrics.counter(METRICS_NAMESPACE, RECORDS_PREDICTED)
         self._model = None
+        self._failure_run: FailureRun | None = None
 
     def setup(self):
         from transforms.serving import LoadedClassifier  # TensorFlow only on workers that score
 
+        self._failure_run = FailureRun()
         model_dir = self._model_dir
         self._model = self._model_cache.acquire(lambda: LoadedClassifier(model_dir), tag=model_dir)
 
@@ -122,10 +131,9 @@ class PredictBatch(beam.DoFn):
                                 outputs["probability"])
 
     def process(self, batch: list[ScoringRow]) -> Iterator:
-        tables, failures = batch_or_one_by_one(batch, self._score)
-        dead = [_dead(row.id, row.source, pred.PredictReason.MODEL_FAILED,
-                      str(error).splitlines()[0] if str(error) else type(error).__name__, type(error).__name__)
-                for row, error in failures]
+        tables, failures = batch_or_one_by_one(batch, self._score, self._failure_run)
+        dead = [_dead(row.id, row.source, pred.PredictReason.MODEL_FAILED, telling_message(error),
+                      type(error).__name__) for row, error in failures]
         self._predicted.inc(sum(table.num_rows for table in tables))
         yield from tables
         for letter in dead:

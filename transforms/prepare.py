@@ -10,7 +10,6 @@ import dataclasses
 import io
 import os
 import re
-import stat
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
@@ -21,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import dead_letter, printable, route
+from transforms.local_files import special_kind
 
 # What TensorFlow's decode_image reads (PIL names); others are dead-lettered before they reach the decoder. MPO, the
 # multi-picture file of many cameras, is a JPEG with more pictures after it: TensorFlow decodes the first.
@@ -33,9 +33,6 @@ DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 # A file up to this size is read at once; a larger one is judged by this head before the rest is read (PNG, GIF,
 # BMP and WebP headers are in their first bytes, a JPEG's frame header after APP segments of at most 64 KiB each).
 IMAGE_HEAD_BYTES = 1024 * 1024
-# The file types that are not regular files, as a dead letter names them.
-_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 # A million characters is a book, not a caption: text encoders keep a few hundred tokens of it, and an encoder
 # whose work grows faster than the text must not see such a record.
 DEFAULT_MAX_TEXT_CHARS = 1_000_000
@@ -130,8 +127,8 @@ class ImageRefused(Exception):
 def _judge_file(info: os.stat_result, path: str, max_bytes: int) -> None:
     """Refuse a local path that is not a regular file (a FIFO blocks a read for ever, a device such as /dev/zero
     never ends, a folder is no image) or whose size is over the cap."""
-    if not stat.S_ISREG(info.st_mode):
-        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(info.st_mode)), "not a regular file")
+    kind = special_kind(info.st_mode)
+    if kind:
         raise ImageRefused(Reason.IMAGE_NOT_A_FILE, f"{path} is {kind}, not an image file")
     if info.st_size > max_bytes:
         raise ImageRefused(Reason.IMAGE_TOO_LARGE,

@@ -56,7 +56,6 @@ import math
 import os
 import posixpath
 import reprlib
-import stat
 import tarfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -72,6 +71,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 
 from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import dead_letter, printable, route
+from transforms.local_files import special_kind
 
 MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
 INPUT_FORMATS = (*MANIFEST_FORMATS, "image_folder", "webdataset", "tfrecord")
@@ -766,23 +766,15 @@ def _first_of_group(group: tuple[bytes, Sequence[Any]]) -> Any:
     return next(iter(group[1]))
 
 
-_SPECIAL_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"))
-
-
 def special_file_kind(path: str) -> str | None:
     """What a local path is when it is not a regular file, or None. Such a file is never opened: a FIFO blocks a
     read for ever, a device such as /dev/zero never ends, a folder is no file. Object stores hold none of them."""
     if FileSystems.get_scheme(path) is not None:
         return None
     try:
-        mode = os.stat(path).st_mode
+        return special_kind(os.stat(path).st_mode)
     except OSError:  # gone, or a link to nothing: the open that follows says so
         return None
-    if stat.S_ISREG(mode):
-        return None
-    return next((name for is_kind, name in _SPECIAL_FILE_KINDS if is_kind(mode)), "not a regular file")
 
 
 def read_file(readable: fileio.ReadableFile, reader, *args: Any) -> Iterator[Record | DeadLetter]:

@@ -24,8 +24,8 @@ from apache_beam.io.filesystems import FileSystems
 from encoders.runtime import tf, tf_keras
 from schemas import embeddings as cols
 from schemas.training import MODEL_INFO_NAME, SERVING_SIGNATURE, ModelInfo
-from transforms.embed import decode_and_resize
 from transforms.embeddings_input import MASK_OF
+from transforms.image_decode import decode_and_resize
 from transforms.tft_features import FEATURES, MODALITY_MASK, vector_columns
 
 LABELS_SIGNATURE = "labels"
