@@ -234,8 +234,9 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
     prepared, unprepared = records | "PrepareRecords" >> PrepareRecords(
         use_image=plan.image is not None, use_text=plan.text is not None, max_image_pixels=job.max_image_pixels,
         max_text_chars=job.max_text_chars, max_image_bytes=job.max_image_bytes)
-    to_embed, reused = prepared | "ReuseStoredVectors" >> ReuseStoredVectors(
-        plan.stored_files, plan.embed_config.schema, plan.passthrough, job.batch_size)
+    to_embed, reused, unrefetched = prepared | "ReuseStoredVectors" >> ReuseStoredVectors(
+        plan.stored_files, plan.embed_config.schema, plan.passthrough, job.batch_size, job.max_image_pixels,
+        job.max_image_bytes)
     embeddings, unembedded = to_embed | "EmbedRecords" >> EmbedRecords(
         plan.embed_config, progress, min_batch_size=job.min_batch_size, max_batch_size=job.batch_size)
     if not job.no_checkpoint:
@@ -245,7 +246,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
      | "AllEmbeddings" >> beam.Flatten()
      | "WriteEmbeddings" >> WriteEmbeddings(staged[layout.EMBEDDINGS_PREFIX], plan.embed_config.schema,
                                             job.num_shards))
-    ((unreadable, unprepared, unembedded)
+    ((unreadable, unprepared, unrefetched, unembedded)
      | "AllDeadLetters" >> beam.Flatten()
      | "WriteDeadLetters" >> WriteDeadLetters(staged["dead_letters"], progress))
 

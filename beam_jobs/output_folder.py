@@ -175,9 +175,9 @@ def publish(folder: RunFolder, report: dict) -> None:
     An earlier run's published files are removed only now, when the new run has succeeded: `_SUCCESS` first, so
     that no sensor takes the folder for complete while it changes.
     """
-    if not _lock_is_ours(folder):
-        raise RuntimeError(f"another run claimed {folder.output} while this one ran: not publishing "
-                           f"(this run's files stay in {folder.staging})")
+    if not _lock_is_ours(folder):  # one line, like a refusal at start: the run's work is kept, not published
+        raise JobConfigError(f"another run claimed {folder.output} while this one ran: not publishing "
+                             f"(this run's files stay in {folder.staging})")
     earlier = _published_files(folder.output, folder.main_prefix)
     success = FileSystems.join(folder.output, layout.SUCCESS_NAME)
     if success in earlier:

@@ -160,11 +160,17 @@ def job_command(manifest: str, output: str, encoders: dict) -> list[str]:
             "--min_batch_size", "4", "--num_shards", "1"]
 
 
-def test_a_killed_run_resumes_from_its_checkpoints(fixture_encoders, tmp_path):
+def test_a_killed_run_resumes_from_its_checkpoints_and_leaves_the_earlier_run(fixture_encoders, tmp_path):
     rows = [{"id": f"t{i:05d}", "text": f"caption number {i} about a leaf"} for i in range(4000)]
     manifest = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), rows)
     output = str(tmp_path / "out")
-    command = job_command(manifest, output, fixture_encoders)
+    # Last night's run in the folder, which tonight's --overwrite may replace only when it succeeds.
+    earlier = corpora.write_jsonl_manifest(str(tmp_path / "earlier"), rows[:100])
+    subprocess.run(job_command(earlier, output, fixture_encoders), cwd=REPO, check=True, capture_output=True)
+    published = {name: open(os.path.join(output, name), "rb").read() for name in os.listdir(output)
+                 if os.path.isfile(os.path.join(output, name))}
+
+    command = [*job_command(manifest, output, fixture_encoders), "--overwrite"]
     checkpoints = os.path.join(output, layout.STAGING_DIR, layout.CHECKPOINTS_DIR, "part-*.parquet")
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -173,8 +179,9 @@ def test_a_killed_run_resumes_from_its_checkpoints(fixture_encoders, tmp_path):
     assert job.poll() is None, "the job ended before it could be killed"
     job.send_signal(signal.SIGKILL)
     job.wait()
-    assert not glob.glob(os.path.join(output, "*.parquet")) and not os.path.exists(
-        os.path.join(output, layout.SUCCESS_NAME))
+    # Killed: last night's files are as they were, byte for byte, and still the only dataset there.
+    assert {name: open(os.path.join(output, name), "rb").read() for name in published} == published
+    assert len(pd.read_parquet(output)) == 100
     checkpointed = len(pd.read_parquet(os.path.join(output, layout.STAGING_DIR, layout.CHECKPOINTS_DIR)))
     assert checkpointed >= 80
 
@@ -182,7 +189,8 @@ def test_a_killed_run_resumes_from_its_checkpoints(fixture_encoders, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     with open(os.path.join(output, layout.REPORT_NAME)) as handle:
         report = json.load(handle)
-    assert report["resumed"] >= checkpointed - 8 and report["resumed"] + report["embedded_fresh"] == 4000
+    # The rerun embeds only what the killed run had not finished.
+    assert (report["resumed"], report["embedded_fresh"]) == (checkpointed, 4000 - checkpointed)
     assert not os.path.exists(os.path.join(output, layout.STAGING_DIR))
 
     clean = str(tmp_path / "clean")

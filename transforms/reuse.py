@@ -32,8 +32,9 @@ from apache_beam.metrics import Metrics
 
 from schemas import embeddings as cols
 from schemas import layout
-from schemas.records import Record
-from transforms.dead_letters import METRICS_NAMESPACE, RECORDS_EMBEDDED
+from schemas.records import DeadLetter, Record
+from transforms.dead_letters import METRICS_NAMESPACE, RECORDS_EMBEDDED, route
+from transforms.prepare import fetch_and_check_image
 from transforms.rows import record_columns
 
 log = logging.getLogger("hubembed")
@@ -185,12 +186,31 @@ def choose_stored(group: tuple[str, dict[str, Iterable]]) -> Iterator:
     yield beam.pvalue.TaggedOutput(REUSED_TAG, (record, best))
 
 
+def without_refetchable_bytes(record: Record) -> Record:
+    """The record as it crosses the join: image bytes read from a file are dropped (else the join would shuffle
+    every image of the corpus, most of which it copies vectors for), and read again after it for the fresh few."""
+    if record.image_uri is not None and record.image_bytes is not None:
+        return dataclasses.replace(record, image_bytes=None)
+    return record
+
+
+def refetch_image(record: Record, max_pixels: int, max_bytes: int) -> Iterator[Record | DeadLetter]:
+    """A fresh record whose image bytes the join dropped, with them read and checked again (and fingerprinted
+    again: the file may have changed since, and the row must say what was embedded)."""
+    if record.image_uri is None or record.image_bytes is not None:
+        yield record
+        return
+    for item in fetch_and_check_image(record, max_pixels, max_bytes):
+        yield fingerprint(item) if isinstance(item, Record) else item
+
+
 class SplitByReuse(beam.PTransform):
-    """(fingerprinted records, stored rows) → (records to embed, (record, stored row) pairs to copy)."""
+    """(fingerprinted records, stored rows) → (records to embed, (record, stored row) pairs to copy); the records
+    to embed may have lost their image bytes on the way (`without_refetchable_bytes`)."""
 
     def expand(self, inputs):
         records, stored = inputs
-        keyed = records | "KeyById" >> beam.Map(lambda record: (record.id, record))
+        keyed = records | "KeyById" >> beam.Map(lambda record: (record.id, without_refetchable_bytes(record)))
         outputs = ({"record": keyed, "stored": stored}
                    | "JoinById" >> beam.CoGroupByKey()
                    | "Choose" >> beam.FlatMap(choose_stored).with_outputs(REUSED_TAG, main="fresh"))
@@ -224,29 +244,35 @@ class ReusedToTable(beam.DoFn):
 
 
 class ReuseStoredVectors(beam.PTransform):
-    """prepared records → (records to embed, Tables of the rows whose vectors are copied from `files`).
+    """prepared records → (records to embed, Tables of the rows whose vectors are copied from `files`, dead letters).
 
     Every record gets its content fingerprints (columns of the output either way); the join runs only when there
-    is something stored to reuse.
+    is something stored to reuse. Images the join dropped are read again, bounded and checked as PrepareRecords
+    does, for the records to embed only: reading an image twice costs less than shuffling all of them.
     """
 
     def __init__(self, files: Sequence[tuple[str, str]], schema: pa.Schema, passthrough: Sequence[str],
-                 max_batch_size: int):
+                 max_batch_size: int, max_image_pixels: int, max_image_bytes: int):
         super().__init__()
         self._files = list(files)
         self._schema = schema
         self._passthrough = tuple(passthrough)
         self._vector_columns = tuple(field.name for field in schema if pa.types.is_fixed_size_list(field.type))
         self._max_batch_size = max_batch_size
+        self._max_image_pixels = max_image_pixels
+        self._max_image_bytes = max_image_bytes
 
     def expand(self, records):
         fingerprinted = records | "Fingerprint" >> beam.Map(fingerprint)
         if not self._files:
-            return fingerprinted, records.pipeline | "NothingStored" >> beam.Create([])
+            nothing = records.pipeline | "NothingStored" >> beam.Create([])
+            return fingerprinted, nothing, nothing
         stored = records.pipeline | "ReadStored" >> ReadStored(self._files, self._vector_columns)
         fresh, reused = (fingerprinted, stored) | "SplitByReuse" >> SplitByReuse()
+        fresh, unreadable = route("RefetchImages", fresh, refetch_image, self._max_image_pixels,
+                                  self._max_image_bytes)
         tables = (reused
                   | "Batch" >> beam.BatchElements(min_batch_size=self._max_batch_size,
                                                   max_batch_size=max(self._max_batch_size, 256))
                   | "ToTables" >> beam.ParDo(ReusedToTable(self._schema, self._passthrough, self._vector_columns)))
-        return fresh, tables
+        return fresh, tables, unreadable
