@@ -2,8 +2,10 @@
 
     python -m beam_jobs.embed_corpus --input corpus/manifest.jsonl --output out/embeddings/ [--runner ...]
 
-read → prepare → embed (both modalities, concatenated) → write, plus the dead letters and the run report.
-Everything a user can get wrong is checked before the pipeline starts (`plan_job`), and fails in one line.
+read → prepare → reuse (vectors of unchanged records copied from --reuse outputs and a killed run's checkpoints)
+→ embed (both modalities, concatenated) → write, plus the dead letters and the run report; the run is published
+atomically (beam_jobs.output_folder). Everything a user can get wrong is checked before the pipeline starts
+(`plan_job`), and fails in one line.
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
     if repeated:
         raise JobConfigError(f"--passthrough names a column twice: {', '.join(repeated)}")
     reserved = {cols.ID, cols.LABEL, cols.IMAGE_EMBEDDING, cols.TEXT_EMBEDDING, cols.EMBEDDING, cols.HAS_IMAGE,
-                cols.HAS_TEXT}
+                cols.HAS_TEXT, cols.IMAGE_SHA256, cols.TEXT_SHA256}
     clashing = sorted(reserved.intersection(passthrough))
     if clashing:
         raise JobConfigError(f"--passthrough names output columns of the job itself: {', '.join(clashing)}")
@@ -225,7 +227,8 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
 
 
 def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPlan) -> None:
-    """read → prepare → embed → write; the dead letters of every step merged into one sink."""
+    """read → prepare → reuse what is stored → embed the rest (checkpointed) → write, all under the run's staging
+    folder; the dead letters of every step merged into one sink."""
     progress = ProgressLog(job.progress_interval)
     tfrecord_keys = {"id": job.tfrecord_id_key, "image": job.tfrecord_image_key, "text": job.tfrecord_text_key,
                      "label": job.tfrecord_label_key}

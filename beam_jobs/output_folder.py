@@ -96,6 +96,9 @@ def _published_files(output: str, main_prefix: str) -> list[str]:
     """The final names of a published (or half-published) run in `output`."""
     found = _matches(FileSystems.join(output, main_prefix + "-*" + layout.PARQUET_SUFFIX))
     found += _matches(FileSystems.join(output, layout.DEAD_LETTERS_DIR, "*"))
+    # Sidecars of the layout before `_`-names: left beside a new run, they would stop readers opening the folder.
+    for legacy in layout.LEGACY_SIDECARS:
+        found += _matches(FileSystems.join(output, legacy))
     found += [FileSystems.join(output, name) for name in (layout.REPORT_NAME, layout.SUCCESS_NAME)
               if FileSystems.exists(FileSystems.join(output, name))]
     return found

@@ -23,4 +23,5 @@ REPORT_NAME = "_run_report.json"
 SUCCESS_NAME = "_SUCCESS"
 STAGING_DIR = "_staging"
 LOCK_NAME = "_lock"
+LEGACY_SIDECARS = ("run_report.json", "dead_letters-*.parquet")  # hubembed 0.1's, replaced with --overwrite
 CHECKPOINTS_DIR = "checkpoints"  # under _staging/: finished batches of a run, taken back by the rerun of a killed one

@@ -213,3 +213,17 @@ def test_storage_choices_are_in_the_metadata(fixture_encoders, tmp_path, vectors
     assert (cols.IMAGE_EMBEDDING in names) == (vectors != "concat")
     vector_field = dataset.schema.field(cols.EMBEDDING if vectors != "modalities" else cols.TEXT_EMBEDDING)
     assert str(vector_field.type.value_type) == ("halffloat" if float16 else "float")
+
+
+def test_overwrite_clears_the_sidecars_of_the_earlier_layout(fixture_encoders, tmp_path):
+    """An output folder written before the `_`-names (run_report.json, dead_letters-*.parquet beside the data):
+    --overwrite leaves a folder pandas opens."""
+    good = corpora.write_jsonl_manifest(str(tmp_path / "good"), corpora.good_rows(4))
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "run_report.json").write_text(json.dumps({"job": "embed_corpus"}))
+    pd.DataFrame({"id": ["x"], "reason": ["no_modality"]}).to_parquet(output / "dead_letters-00000-of-00001.parquet")
+    assert main(["--input", good, "--output", str(output), "--overwrite", *encoders_argv(fixture_encoders)]) == 0
+    assert sorted(name for name in os.listdir(output) if not name.startswith("embeddings-")) == [
+        "_SUCCESS", "_dead_letters", "_run_report.json"]
+    assert len(pd.read_parquet(str(output))) == 4
