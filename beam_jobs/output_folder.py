@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_jobs.launch import JobConfigError, check_output_folder
 from schemas import layout
 from schemas.report import RunReport
+from transforms.files import matching_paths
 from transforms.report import build_report, write_report
 
 ReportT = TypeVar("ReportT", bound=RunReport)
@@ -85,20 +86,13 @@ def _as_globs(folder: str, main_prefix: str) -> dict[str, str]:
     }
 
 
-def _matches(pattern: str) -> list[str]:
-    try:
-        return [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
-    except Exception:  # BeamIOError when nothing matches on some filesystems
-        return []
-
-
 def _published_files(output: str, main_prefix: str) -> list[str]:
     """The final names of a published (or half-published) run in `output`."""
-    found = _matches(FileSystems.join(output, main_prefix + "-*" + layout.PARQUET_SUFFIX))
-    found += _matches(FileSystems.join(output, layout.DEAD_LETTERS_DIR, "*"))
+    found = matching_paths(FileSystems.join(output, main_prefix + "-*" + layout.PARQUET_SUFFIX))
+    found += matching_paths(FileSystems.join(output, layout.DEAD_LETTERS_DIR, "*"))
     # Sidecars of the layout before `_`-names: left beside a new run, they would stop readers opening the folder.
     for legacy in layout.LEGACY_SIDECARS:
-        found += _matches(FileSystems.join(output, legacy))
+        found += matching_paths(FileSystems.join(output, legacy))
     found += [FileSystems.join(output, name) for name in (layout.REPORT_NAME, layout.SUCCESS_NAME)
               if FileSystems.exists(FileSystems.join(output, name))]
     return found
@@ -164,7 +158,7 @@ def claim(output: str, main_prefix: str, job: str, overwrite: bool) -> RunFolder
                              "pass --overwrite to replace it (when the new run succeeds), or write to a new folder")
     folder = RunFolder(output=output, job=job, run_id=uuid.uuid4().hex[:12], main_prefix=main_prefix)
     _take_lock(folder)
-    stale = [path for path in _matches(FileSystems.join(folder.staging_root, "*"))
+    stale = [path for path in matching_paths(FileSystems.join(folder.staging_root, "*"))
              if os.path.basename(path.rstrip("/")) not in (layout.LOCK_NAME, layout.CHECKPOINTS_DIR)]
     if stale:
         log.info("removing %d staged files or folders of an earlier, unfinished run", len(stale))
@@ -189,8 +183,8 @@ def publish(folder: RunFolder, report: dict) -> None:
     if earlier:
         FileSystems.delete(earlier)
     staged = folder.staged()
-    sources = _matches(staged[folder.main_prefix] + "-*" + layout.PARQUET_SUFFIX)
-    sources += _matches(staged["dead_letters"] + "-*" + layout.PARQUET_SUFFIX)
+    sources = matching_paths(staged[folder.main_prefix] + "-*" + layout.PARQUET_SUFFIX)
+    sources += matching_paths(staged["dead_letters"] + "-*" + layout.PARQUET_SUFFIX)
     destinations = [folder.output + path[len(folder.staging):] for path in sources]
     dead_letters_dir = FileSystems.join(folder.output, layout.DEAD_LETTERS_DIR)
     if not FileSystems.exists(dead_letters_dir):

@@ -171,12 +171,17 @@ def _probe_input(modality: Modality, image_size: int) -> tf.Tensor:
     return tf.constant(["hubembed start-up probe", ""])
 
 
-def _probe_cache_path(probe_cache: str, spec: EncoderSpec, image_size_flag: int | None) -> str | None:
-    """Where the probe of this module content, called this way, is remembered (None: its content is unknown)."""
+def _content_fingerprint(handle: str) -> str | None:
+    """encoder_fingerprint(handle), or None where it cannot be read (not there, not a SavedModel: the full probe
+    then says why, in one line)."""
     try:
-        fingerprint = encoder_fingerprint(spec.handle)
-    except Exception:  # not there, not a SavedModel: the full probe says why, in one line
+        return encoder_fingerprint(handle)
+    except Exception:
         return None
+
+
+def _probe_cache_path(probe_cache: str, spec: EncoderSpec, fingerprint: str, image_size_flag: int | None) -> str:
+    """Where the probe of this module content, called this way, is remembered."""
     key = json.dumps([PROBE_CACHE_VERSION, spec.modality, fingerprint, spec.signature, spec.output_key,
                       image_size_flag])
     return os.path.join(probe_cache, hashlib.sha256(key.encode()).hexdigest() + ".json")
@@ -191,23 +196,23 @@ def probe_encoder(spec: EncoderSpec, image_size_flag: int | None = None,
     With `probe_cache` (a local folder), a module whose content was probed before, called the same way, is not
     loaded again: its probe is read back by its content fingerprint (a nightly run saves loading each model twice).
     """
-    cached = _probe_cache_path(probe_cache, spec, image_size_flag) if probe_cache else None
+    fingerprint = _content_fingerprint(spec.handle) if probe_cache else None
+    cached = _probe_cache_path(probe_cache, spec, fingerprint, image_size_flag) if fingerprint else None
     if cached and os.path.exists(cached):
         with open(cached, encoding="utf-8") as handle:
             known = json.load(handle)
-        return dataclasses.replace(spec, image_size=known["image_size"], dim=known["dim"],
-                                   fingerprint=known["fingerprint"])
-    probed = _probe(spec, image_size_flag)
+        return dataclasses.replace(spec, image_size=known["image_size"], dim=known["dim"], fingerprint=fingerprint)
+    probed = _probe(spec, image_size_flag, fingerprint)
     if cached:
         os.makedirs(probe_cache, exist_ok=True)
         temporary = f"{cached}.{os.getpid()}.tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({"image_size": probed.image_size, "dim": probed.dim, "fingerprint": probed.fingerprint}, handle)
+            json.dump({"image_size": probed.image_size, "dim": probed.dim}, handle)
         os.replace(temporary, cached)  # whole or absent, whatever runs at once
     return probed
 
 
-def _probe(spec: EncoderSpec, image_size_flag: int | None) -> EncoderSpec:
+def _probe(spec: EncoderSpec, image_size_flag: int | None, fingerprint: str | None = None) -> EncoderSpec:
     try:
         layer = keras_layer(spec)
     except Exception as error:  # hub raises many kinds (OSError, ValueError, NotFoundError, HTTP errors)
@@ -234,14 +239,15 @@ def _probe(spec: EncoderSpec, image_size_flag: int | None) -> EncoderSpec:
         raise EncoderConfigError(
             f"{spec.modality} encoder {spec.handle!r} returns {output.dtype.name}{shape.as_list()}, "
             f"not a [B, d] float embedding")
-    started = time.perf_counter()
-    try:
-        fingerprint = encoder_fingerprint(spec.handle)  # after loading: a hub URL is downloaded by then
-    except Exception as error:  # OSError, NotFoundError, a fingerprint.pb that does not parse
-        raise EncoderConfigError(
-            f"cannot fingerprint {spec.modality} encoder {spec.handle!r}: {_one_line(error)}") from error
-    log.info("%s encoder %s: fingerprint %s (%.2fs)", spec.modality, spec.handle, fingerprint[:16],
-             time.perf_counter() - started)
+    if fingerprint is None:  # not taken before the load (no probe cache), or not readable then
+        started = time.perf_counter()
+        try:
+            fingerprint = encoder_fingerprint(spec.handle)  # after loading: a hub URL is downloaded by then
+        except Exception as error:  # OSError, NotFoundError, a fingerprint.pb that does not parse
+            raise EncoderConfigError(
+                f"cannot fingerprint {spec.modality} encoder {spec.handle!r}: {_one_line(error)}") from error
+        log.info("%s encoder %s: fingerprint %s (%.2fs)", spec.modality, spec.handle, fingerprint[:16],
+                 time.perf_counter() - started)
     return dataclasses.replace(spec, image_size=image_size, dim=int(shape[1]), fingerprint=fingerprint)
 
 

@@ -17,15 +17,12 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import layout
+from transforms.files import matching_paths
 
 
 def checkpoint_files(folder: str) -> list[str]:
     """The whole checkpoint files under `folder` (none if it does not exist)."""
-    try:
-        result = FileSystems.match([FileSystems.join(folder, "part-*" + layout.PARQUET_SUFFIX)])[0]
-    except Exception:  # BeamIOError on filesystems that refuse to match a missing folder
-        return []
-    return sorted(metadata.path for metadata in result.metadata_list)
+    return matching_paths(FileSystems.join(folder, "part-*" + layout.PARQUET_SUFFIX))
 
 
 class CheckpointBatches(beam.DoFn):

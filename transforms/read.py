@@ -71,7 +71,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 
 from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import dead_letter, printable, route
-from transforms.local_files import special_kind
+from transforms.files import special_kind
 
 MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
 INPUT_FORMATS = (*MANIFEST_FORMATS, "image_folder", "webdataset", "tfrecord")

@@ -34,6 +34,7 @@ from schemas import embeddings as cols
 from schemas import layout
 from schemas.records import DeadLetter, Record
 from transforms.dead_letters import METRICS_NAMESPACE, RECORDS_EMBEDDED, route
+from transforms.files import matching_paths
 from transforms.prepare import fetch_and_check_image
 from transforms.rows import record_columns
 
@@ -76,25 +77,18 @@ def _file_reuse_key(path: str) -> str | None:
         return cols.read_metadata(pq.ParquetFile(handle).schema_arrow).get(cols.META_REUSE_KEY)
 
 
-def _matches(pattern: str) -> list[str]:
-    try:
-        return sorted(m.path for result in FileSystems.match([pattern]) for m in result.metadata_list)
-    except Exception:  # BeamIOError when nothing matches
-        return []
-
-
 def find_reusable_files(patterns: Sequence[str], key: str) -> list[tuple[str, str]]:
     """The embeddings files of the published outputs (`_SUCCESS`) that `patterns` (folders or globs of folders)
     name, as (path, ORIGIN_REUSE). Raises ReuseConfigError for an output made with other encoders or settings;
     an output without `_SUCCESS` (a failed or running night) is never read."""
     files: list[tuple[str, str]] = []
     for pattern in patterns:
-        folders = [posixpath.dirname(path) for path in _matches(FileSystems.join(pattern.rstrip("/"),
+        folders = [posixpath.dirname(path) for path in matching_paths(FileSystems.join(pattern.rstrip("/"),
                                                                                    layout.SUCCESS_NAME))]
         if not folders:
             log.warning("--reuse %s names no published output (no _SUCCESS): nothing reused from it", pattern)
         for folder in folders:
-            paths = _matches(FileSystems.join(folder, layout.EMBEDDINGS_PREFIX + "-*" + layout.PARQUET_SUFFIX))
+            paths = matching_paths(FileSystems.join(folder, layout.EMBEDDINGS_PREFIX + "-*" + layout.PARQUET_SUFFIX))
             if not paths:
                 continue
             found = _file_reuse_key(paths[0])
