@@ -238,8 +238,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
         use_image=plan.image is not None, use_text=plan.text is not None, max_image_pixels=job.max_image_pixels,
         max_text_chars=job.max_text_chars, max_image_bytes=job.max_image_bytes)
     to_embed, reused, unrefetched = prepared | "ReuseStoredVectors" >> ReuseStoredVectors(
-        plan.stored_files, plan.embed_config.schema, plan.passthrough, job.batch_size, job.max_image_pixels,
-        job.max_image_bytes)
+        plan.stored_files, plan.embed_config.schema, plan.passthrough, job.max_image_pixels, job.max_image_bytes)
     embeddings, unembedded = to_embed | "EmbedRecords" >> EmbedRecords(
         plan.embed_config, progress, min_batch_size=job.min_batch_size, max_batch_size=job.batch_size)
     if not job.no_checkpoint:

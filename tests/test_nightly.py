@@ -15,6 +15,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import output_folder
@@ -55,6 +56,8 @@ def test_output_folder_is_a_dataset_for_pandas_pyarrow_and_duckdb(fixture_encode
     frame = pd.read_parquet(output)
     assert len(frame) == report.embedded and frame["id"].is_unique
     assert ds.dataset(output).count_rows() == report.embedded
+    # The model's small batches are gathered into row groups: one here, not one per batch of 8.
+    assert pq.ParquetFile(glob.glob(os.path.join(output, "*.parquet"))[0]).num_row_groups == 1
     count = duckdb.sql(f"select count(*) from read_parquet('{output}/*.parquet')").fetchall()[0][0]
     assert count == report.embedded
     # The Hive layout: a reader over the root sees every night, with a `dt` column.

@@ -5,13 +5,16 @@ no other state), and the same encoders, preprocessing, L2 setting and storage (t
 files, checked at start). The label and passthrough columns come from today's input: they are not inputs of the
 encoders, so a changed label alone does not re-embed.
 
-    prepared records ──► Fingerprint ──► SplitByReuse ◄── ReadReusable(earlier outputs, a killed run's checkpoints)
-                                           │ unchanged: (record, stored vectors) ──► ReusedToTables ──► the sink
+    prepared records ──► Fingerprint ──► SplitByReuse ◄── ReadStoredRefs(earlier outputs, a killed run's checkpoints)
+                                           │ unchanged: (record, where its row is stored)
+                                           │      ──► ByStoredRowGroup ──► CopyStoredVectors ──► the sink
                                            ▼ new or changed
                                      EmbedRecords
 
-The join is a CoGroupByKey on the id: its cost is reading the reused files and shuffling their rows once; records
-gone from the input have no record in their group and are dropped.
+The join is a CoGroupByKey on the id of the records and of the stored rows' fingerprints and places (file, row
+group, row): no vector crosses it. Records gone from the input have no record in their group and are dropped. The
+reused records are then grouped by stored row group, and each group's vectors are read from Parquet once and taken
+into the output table as Arrow columns.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import logging
 import posixpath
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -109,75 +113,71 @@ def usable_checkpoints(paths: Sequence[str], key: str) -> list[tuple[str, str]]:
     return [(path, ORIGIN_CHECKPOINT) for path in usable]
 
 
-@dataclasses.dataclass
-class StoredRow:
-    """One row of an earlier output: its content fingerprints, masks and vector columns as they were stored."""
+class StoredRef(NamedTuple):
+    """Where one stored row lives, and the content it was embedded from: all that crosses the join (the vectors
+    stay in their file until the rows to copy are known, then move as Arrow columns, never as Python objects)."""
 
     image_sha256: str | None
     text_sha256: str | None
-    vectors: dict[str, np.ndarray]
-    origin: str
-    path: str
+    rank: int  # the file's index in the preference order: the highest wins (see `preference_order`)
+    row_group: int
+    row: int  # within the row group
 
     def matches(self, record: Record) -> bool:
         return (self.image_sha256, self.text_sha256) == (record.image_sha256, record.text_sha256)
 
 
-def read_stored_rows(path: str, origin: str, vector_columns: Sequence[str]) -> Iterator[tuple[str, StoredRow]]:
-    """(id, StoredRow) for every row of one output file, read a record batch at a time."""
-    wanted = [cols.ID, cols.IMAGE_SHA256, cols.TEXT_SHA256, *vector_columns]
+def preference_order(files: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(path, origin) files from the least to the most preferred: a checkpoint of this output over --reuse outputs,
+    then the path that sorts last (the newest `dt=` partition). Any choice holds the same bits for the same
+    content; the order only makes the choice deterministic."""
+    return sorted(set(files), key=lambda file: (file[1] == ORIGIN_CHECKPOINT, file[0]))
+
+
+def read_stored_refs(rank: int, path: str) -> Iterator[tuple[str, StoredRef]]:
+    """(id, StoredRef) for every row of one output file, read a row group at a time, vectors left unread."""
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
-        present = [name for name in wanted if name in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(batch_size=1024, columns=present):
-            table = pa.Table.from_batches([batch])
+        names = parquet.schema_arrow.names
+        for row_group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(row_group, columns=[name for name in _REF_COLUMNS if name in names])
             ids = table.column(cols.ID).to_pylist()
-            column = {name: table.column(name).to_pylist() if name in table.column_names else [None] * len(ids)
-                      for name in (cols.IMAGE_SHA256, cols.TEXT_SHA256)}
-            vectors = {name: _fixed_size_matrix(table.column(name)) for name in vector_columns}
-            for index, row_id in enumerate(ids):
-                yield row_id, StoredRow(
-                    image_sha256=column[cols.IMAGE_SHA256][index], text_sha256=column[cols.TEXT_SHA256][index],
-                    vectors={name: matrix[index].copy() for name, matrix in vectors.items()},
-                    origin=origin, path=path)
+            image, text = ([None] * len(ids) if name not in names else table.column(name).to_pylist()
+                           for name in (cols.IMAGE_SHA256, cols.TEXT_SHA256))
+            for row, row_id in enumerate(ids):
+                yield row_id, StoredRef(image[row], text[row], rank, row_group, row)
 
 
-def _fixed_size_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed_size_list column → [rows, dim] in its stored dtype, the bits untouched."""
-    array = column.combine_chunks()
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
+_REF_COLUMNS = (cols.ID, cols.IMAGE_SHA256, cols.TEXT_SHA256)
 
 
-class ReadStored(beam.PTransform):
-    """Output files (each with its origin) → (id, StoredRow)."""
+class ReadStoredRefs(beam.PTransform):
+    """Output files in preference order → (id, StoredRef)."""
 
-    def __init__(self, files: Sequence[tuple[str, str]], vector_columns: Sequence[str]):
+    def __init__(self, files: Sequence[tuple[str, str]]):
         super().__init__()
-        self._files = list(files)
-        self._vector_columns = tuple(vector_columns)
+        self._paths = [path for path, _ in files]
 
     def expand(self, pipeline):
-        vector_columns = self._vector_columns
         return (pipeline
-                | "Files" >> beam.Create(self._files)
-                | "Rows" >> beam.FlatMap(lambda file: read_stored_rows(file[0], file[1], vector_columns)))
+                | "Files" >> beam.Create(list(enumerate(self._paths)))
+                | "Refs" >> beam.FlatMapTuple(read_stored_refs))
 
 
 def choose_stored(group: tuple[str, dict[str, Iterable]]) -> Iterator:
-    """One id's record (if the input still has it) and its stored rows → the record to embed, or the record and
-    the stored row to copy (tagged REUSED_TAG). A checkpoint of this output wins over --reuse outputs, then the
-    path that sorts last (the newest `dt=` partition): any choice holds the same bits for the same content."""
+    """One id's record (if the input still has it) and its stored rows → the record to embed, or the record keyed
+    by the stored row group to copy its vectors from (tagged REUSED_TAG)."""
     _, grouped = group
     records = list(grouped["record"])
     if not records:
         return  # gone from the input: gone from the output
     record = records[0]
-    candidates = [row for row in grouped["stored"] if row.matches(record)]
+    candidates = [ref for ref in grouped["stored"] if ref.matches(record)]
     if not candidates:
         yield record
         return
-    best = max(candidates, key=lambda row: (row.origin == ORIGIN_CHECKPOINT, row.path))
-    yield beam.pvalue.TaggedOutput(REUSED_TAG, (record, best))
+    best = max(candidates, key=lambda ref: ref.rank)
+    yield beam.pvalue.TaggedOutput(REUSED_TAG, ((best.rank, best.row_group), (record, best.row)))
 
 
 def without_refetchable_bytes(record: Record) -> Record:
@@ -199,8 +199,8 @@ def refetch_image(record: Record, max_pixels: int, max_bytes: int) -> Iterator[R
 
 
 class SplitByReuse(beam.PTransform):
-    """(fingerprinted records, stored rows) → (records to embed, (record, stored row) pairs to copy); the records
-    to embed may have lost their image bytes on the way (`without_refetchable_bytes`)."""
+    """(fingerprinted records, stored refs) → (records to embed, ((file rank, row group), (record, row)) to copy);
+    the records to embed may have lost their image bytes on the way (`without_refetchable_bytes`)."""
 
     def expand(self, inputs):
         records, stored = inputs
@@ -211,29 +211,34 @@ class SplitByReuse(beam.PTransform):
         return outputs.fresh, outputs[REUSED_TAG]
 
 
-class ReusedToTable(beam.DoFn):
-    """A batch of (record, stored row) → one pyarrow Table of the output schema, the stored vectors copied."""
+class CopyStoredVectors(beam.DoFn):
+    """One stored row group and the records that reuse its rows → one pyarrow Table of the output schema: the
+    vector columns read from the row group and taken row by row in Arrow, the bits untouched."""
 
-    def __init__(self, schema: pa.Schema, passthrough: Sequence[str], vector_columns: Sequence[str]):
+    def __init__(self, files: Sequence[tuple[str, str]], schema: pa.Schema, passthrough: Sequence[str]):
+        self._files = list(files)
         self._schema = schema
         self._passthrough = tuple(passthrough)
-        self._vector_columns = tuple(vector_columns)
+        self._vector_columns = [field.name for field in schema if pa.types.is_fixed_size_list(field.type)]
         self._reused = Metrics.counter(METRICS_NAMESPACE, RECORDS_REUSED)
         self._resumed = Metrics.counter(METRICS_NAMESPACE, RECORDS_RESUMED)
         self._written = Metrics.counter(METRICS_NAMESPACE, RECORDS_EMBEDDED)  # every output row, fresh or reused
 
-    def process(self, batch: list[tuple[Record, StoredRow]]) -> Iterator[pa.Table]:
-        records = [record for record, _ in batch]
-        rows = [row for _, row in batch]
-        vectors = {name: np.stack([row.vectors[name] for row in rows]) for name in self._vector_columns}
+    def process(self, group: tuple[tuple[int, int], Iterable[tuple[Record, int]]]) -> Iterator[pa.Table]:
+        (rank, row_group), pairs = group
+        pairs = list(pairs)
+        records = [record for record, _ in pairs]
+        rows = pa.array([row for _, row in pairs], pa.int64())
+        path, origin = self._files[rank]
+        with FileSystems.open(path) as handle:
+            stored = pq.ParquetFile(handle).read_row_group(row_group, columns=list(self._vector_columns))
+        vectors = {name: stored.column(name).take(rows).combine_chunks() for name in self._vector_columns}
         # The masks say which modality was embedded: the same as which one has content, since the hashes match.
         table = record_columns(records, self._schema, self._passthrough,
                                np.array([record.image_sha256 is not None for record in records], bool),
                                np.array([record.text_sha256 is not None for record in records], bool), vectors)
-        resumed = sum(row.origin == ORIGIN_CHECKPOINT for row in rows)
-        self._resumed.inc(resumed)
-        self._reused.inc(len(rows) - resumed)
-        self._written.inc(len(rows))
+        (self._resumed if origin == ORIGIN_CHECKPOINT else self._reused).inc(len(records))
+        self._written.inc(len(records))
         yield pa.Table.from_batches([table])
 
 
@@ -246,13 +251,11 @@ class ReuseStoredVectors(beam.PTransform):
     """
 
     def __init__(self, files: Sequence[tuple[str, str]], schema: pa.Schema, passthrough: Sequence[str],
-                 max_batch_size: int, max_image_pixels: int, max_image_bytes: int):
+                 max_image_pixels: int, max_image_bytes: int):
         super().__init__()
-        self._files = list(files)
+        self._files = preference_order(files)
         self._schema = schema
         self._passthrough = tuple(passthrough)
-        self._vector_columns = tuple(field.name for field in schema if pa.types.is_fixed_size_list(field.type))
-        self._max_batch_size = max_batch_size
         self._max_image_pixels = max_image_pixels
         self._max_image_bytes = max_image_bytes
 
@@ -261,12 +264,12 @@ class ReuseStoredVectors(beam.PTransform):
         if not self._files:
             nothing = records.pipeline | "NothingStored" >> beam.Create([])
             return fingerprinted, nothing, nothing
-        stored = records.pipeline | "ReadStored" >> ReadStored(self._files, self._vector_columns)
+        stored = records.pipeline | "ReadStoredRefs" >> ReadStoredRefs(self._files)
         fresh, reused = (fingerprinted, stored) | "SplitByReuse" >> SplitByReuse()
         fresh, unreadable = route("RefetchImages", fresh, refetch_image, self._max_image_pixels,
                                   self._max_image_bytes)
         tables = (reused
-                  | "Batch" >> beam.BatchElements(min_batch_size=self._max_batch_size,
-                                                  max_batch_size=max(self._max_batch_size, 256))
-                  | "ToTables" >> beam.ParDo(ReusedToTable(self._schema, self._passthrough, self._vector_columns)))
+                  | "ByStoredRowGroup" >> beam.GroupByKey()
+                  | "CopyStoredVectors" >> beam.ParDo(CopyStoredVectors(self._files, self._schema,
+                                                                        self._passthrough)))
         return fresh, tables, unreadable

@@ -21,8 +21,9 @@ def vector_column(vectors: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeL
 
 
 def record_columns(records: Sequence[Record], schema: pa.Schema, passthrough: Sequence[str], has_image: np.ndarray,
-                   has_text: np.ndarray, vectors: dict[str, np.ndarray]) -> pa.RecordBatch:
-    """One RecordBatch of `schema`: the records' own fields, the masks, and the vector columns from `vectors`."""
+                   has_text: np.ndarray, vectors: dict[str, np.ndarray | pa.FixedSizeListArray]) -> pa.RecordBatch:
+    """One RecordBatch of `schema`: the records' own fields, the masks, and the vector columns from `vectors`
+    (NumPy matrices, or Arrow columns of the schema's type taken as they are)."""
     columns = {
         cols.ID: pa.array([record.id for record in records], pa.string()),
         cols.LABEL: pa.array([record.label for record in records], pa.string()),
@@ -37,6 +38,8 @@ def record_columns(records: Sequence[Record], schema: pa.Schema, passthrough: Se
     for field in schema:
         if field.name in columns:
             arrays.append(columns[field.name])
+        elif isinstance(vectors[field.name], pa.Array):
+            arrays.append(vectors[field.name])
         else:
             arrays.append(vector_column(vectors[field.name], field.type.value_type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
