@@ -206,7 +206,9 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
             "decoder": "tf.io.decode_image, first frame of animations, 3 channels (grey and RGBA made RGB), "
                        "8-bit BMPs through their palette",
             "orientation": "JPEG Exif orientation applied (2-8, as PIL.ImageOps.exif_transpose)",
-            "resize": "tf.image.resize bilinear, no crop, no antialias", "size": [image.image_size, image.image_size],
+            "jpeg_dct_scale": "a JPEG is decoded at the largest of libjpeg's 1/2, 1/4, 1/8 scales whose short side "
+                              "stays >= size (tf.io.decode_jpeg ratio)",
+            "resize": "tf.image.resize bilinear, antialias, no crop", "size": [image.image_size, image.image_size],
             "value_range": [0.0, 1.0], "dtype": "float32"}, sort_keys=True)
     if text is not None:
         metadata[cols.META_TEXT_ENCODER] = text.to_json()

@@ -60,6 +60,18 @@ def night_two(night_one: str, root: str, share_new: float = 0.05, share_changed:
     return manifest
 
 
+def nightly_corpus(folder: str, size: int) -> tuple[str, str]:
+    """The two nights' manifests under `folder`, built unless a whole earlier build of the same size is there."""
+    done = os.path.join(folder, f"built-{size}")
+    night_one, night_two_manifest = (os.path.join(folder, name, "manifest.jsonl") for name in ("night1", "night2"))
+    if not os.path.exists(done):
+        shutil.rmtree(folder, ignore_errors=True)
+        night_one = write_photo_corpus(os.path.join(folder, "night1"), size)
+        night_two_manifest = night_two(night_one, os.path.join(folder, "night2"))
+        open(done, "w").close()
+    return night_one, night_two_manifest
+
+
 def timed_run(manifest: str, output: str, *flags: str) -> tuple[float, dict]:
     command = [sys.executable, "-m", "beam_jobs.embed_corpus", "--input", manifest, "--output", output,
                "--progress_interval", "1000", *flags]
@@ -74,11 +86,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each full variant (fastest kept)")
+    parser.add_argument("--corpus", default=None,
+                        help="keep the two nights' corpora here, built on the first call and taken as they are on "
+                             "the next (--corpus_only builds them and stops: building 20,000 photos takes minutes)")
+    parser.add_argument("--corpus_only", action="store_true")
     args = parser.parse_args()
+    corpus = args.corpus or tempfile.mkdtemp(prefix="hubembed-bench-corpus-")
+    night_one, night_two_manifest = nightly_corpus(corpus, args.size)
+    if args.corpus_only:
+        return
     work = tempfile.mkdtemp(prefix="hubembed-bench-nightly-")
     try:
-        night_one = write_photo_corpus(os.path.join(work, "night1"), args.size)
-        night_two_manifest = night_two(night_one, os.path.join(work, "night2"))
         root = os.path.join(work, "root")
         timed_run(night_one, os.path.join(root, "dt=1"))
         runs: dict[str, tuple[float, dict]] = {}
@@ -99,6 +117,8 @@ def main() -> None:
         print(f"  reuse / full (wall): {reuse / full:.3f}   full / full without checkpoints: {full / bare:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if not args.corpus:
+            shutil.rmtree(corpus, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ class Record:
     # encoders' identity, what decides whether an earlier output's vectors can be reused for this record.
     image_sha256: str | None = None
     text_sha256: str | None = None
+    # Width x height from the image's header, set when PrepareRecords checks it: what the record weighs in a batch.
+    image_pixels: int | None = None
 
 
 @dataclasses.dataclass

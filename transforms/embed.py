@@ -3,19 +3,22 @@
 Shaped like Beam's ModelHandler: `load_encoders` is the load_model half (run once per worker process through
 `shared.Shared`, so every DoFn thread of the process uses one copy), `EmbedBatch.process` the run_inference half.
 One DoFn holds both encoders and embeds both columns of the same batch, so no shuffle joins the modalities.
-Images are decoded and resized in TensorFlow; vectors go from the model's NumPy arrays to Arrow without Python
-floats in between.
+Images are decoded and resized in TensorFlow, a batch at a time on all the process's cores, while the encoders run on
+the batch before (EmbedBatch); vectors go from the model's NumPy arrays to Arrow without Python floats in between.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
 from encoders.hub_module import EncoderSpec, LoadedEncoder
@@ -30,7 +33,7 @@ from transforms.dead_letters import (
     batch_or_one_by_one,
     dead_letter,
 )
-from transforms.image_decode import ImageDecodeError, ImageDecoder
+from transforms.image_decode import ImageDecoder
 from transforms.report import ProgressLog
 from transforms.rows import record_columns
 
@@ -58,7 +61,7 @@ class Encoders:
         device = configure_devices(config.device)
         self.image = LoadedEncoder(config.image, device) if config.image else None
         self.text = LoadedEncoder(config.text, device) if config.text else None
-        self.decode_image = ImageDecoder(config.image.image_size) if config.image else None
+        self.image_decoder = ImageDecoder(config.image.image_size) if config.image else None
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -76,8 +79,25 @@ def to_record_batch(records: Sequence[Record], config: EmbedConfig, image_vector
     return record_columns(records, config.schema, config.passthrough, has_image, has_text, vectors)
 
 
+@dataclasses.dataclass
+class EmbeddedBatch:
+    """What one batch came to: its output tables and its dead letters."""
+
+    tables: list[pa.Table]
+    dead_letters: list[DeadLetter]
+
+
 class EmbedBatch(beam.DoFn):
-    """A batch of prepared records → a RecordBatch of the embedded ones, and dead letters for the rest."""
+    """Batches of prepared records → Tables of the embedded ones, and dead letters for the rest, in three stages
+    that overlap: while the model thread runs the encoders on one batch, the decode thread decodes the next one's
+    images on the process's cores, and the runner's thread goes on reading and preparing the batches after. At most
+    IN_FLIGHT_BATCHES are between the stages; a batch's outputs leave in a later `process` call or at the end of the
+    bundle, which is why the DoFn runs in the global window only (batch pipelines' window).
+
+    Counters and progress are counted in the runner's thread: Beam's metrics belong to the thread of the bundle.
+    """
+
+    IN_FLIGHT_BATCHES = 2
 
     def __init__(self, config: EmbedConfig, model_cache: shared.Shared, progress: ProgressLog):
         self._config = config
@@ -86,25 +106,74 @@ class EmbedBatch(beam.DoFn):
         self._embedded = Metrics.counter(METRICS_NAMESPACE, RECORDS_EMBEDDED)
         self._encoders: Encoders | None = None
         self._failure_run: FailureRun | None = None
+        self._decoding: ThreadPoolExecutor | None = None
+        self._embedding: ThreadPoolExecutor | None = None
+        self._in_flight: collections.deque[Future] = collections.deque()
 
     def setup(self):
         config = self._config
         self._failure_run = FailureRun()
         self._encoders = self._model_cache.acquire(lambda: Encoders(config), tag=config.cache_tag)
+        self._decoding = ThreadPoolExecutor(1, thread_name_prefix="hubembed-decode")
+        self._embedding = ThreadPoolExecutor(1, thread_name_prefix="hubembed-embed")
 
-    def _decode_images(self, records: Sequence[Record]) -> tuple[list[Record], list[np.ndarray], list[DeadLetter]]:
-        kept, pixels, dead = [], [], []
-        for record in records:
-            if record.image_bytes is None:
-                kept.append(record)
-                pixels.append(None)
-                continue
-            try:
-                pixels.append(self._encoders.decode_image(record.image_bytes))
-                kept.append(record)
-            except ImageDecodeError as error:
-                dead.append(dead_letter(record, Stage.EMBED, Reason.IMAGE_CORRUPT, error))
-        return kept, pixels, dead
+    def start_bundle(self):
+        self._in_flight = collections.deque()  # a retried bundle starts with nothing of the failed attempt
+
+    def process(self, batch: list[Record]) -> Iterator:
+        decoded = self._decoding.submit(self._decode_images, batch)
+        self._in_flight.append(self._embedding.submit(self._embed_decoded, decoded))
+        while self._in_flight and (len(self._in_flight) > self.IN_FLIGHT_BATCHES or self._in_flight[0].done()):
+            yield from self._emit(self._in_flight.popleft().result())
+
+    def finish_bundle(self) -> Iterator:
+        while self._in_flight:
+            yield from self._emit(self._in_flight.popleft().result(), GlobalWindows.windowed_value_at_end_of_window)
+
+    def teardown(self):
+        for pool in (self._decoding, self._embedding):
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def _emit(self, done: EmbeddedBatch, wrap=lambda value: value) -> Iterator:
+        embedded = sum(table.num_rows for table in done.tables)
+        self._embedded.inc(embedded)
+        self._progress.add(embedded=embedded)
+        yield from (wrap(table) for table in done.tables)
+        for letter in done.dead_letters:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, wrap(letter))
+
+    def _decode_images(self, records: Sequence[Record]) -> tuple[list[Record], list[np.ndarray | None],
+                                                                 list[DeadLetter]]:
+        """The decode thread: the batch's images decoded together (ImageDecoder.decode_batch), the undecodable
+        ones dead-lettered alone."""
+        with_image = [index for index, record in enumerate(records) if record.image_bytes is not None]
+        pixels: list[np.ndarray | None] = [None] * len(records)
+        errors: dict[int, Exception] = {}
+        if with_image:
+            decoded, failures = self._encoders.image_decoder.decode_batch([records[i].image_bytes for i in with_image])
+            for index, one, error in zip(with_image, decoded, failures, strict=True):
+                pixels[index] = one
+                if error is not None:
+                    errors[index] = error
+        kept = [(record, pixel) for index, (record, pixel) in enumerate(zip(records, pixels, strict=True))
+                if index not in errors]
+        dead = [dead_letter(records[index], Stage.EMBED, Reason.IMAGE_CORRUPT, error)
+                for index, error in errors.items()]
+        return [record for record, _ in kept], [pixel for _, pixel in kept], dead
+
+    def _embed_decoded(self, decoded: Future) -> EmbeddedBatch:
+        """The model thread: one decoded batch through the encoders (batch_or_one_by_one: a record that fails alone
+        is dead-lettered, a machine error raised for the runner to retry)."""
+        records, pixels, dead = decoded.result()
+        tables: list[pa.Table] = []
+        if records:
+            outputs, failures = batch_or_one_by_one(list(zip(records, pixels, strict=True)), self._embed,
+                                                    self._failure_run)
+            dead += [dead_letter(record, Stage.EMBED, Reason.ENCODER_FAILED, error) for (record, _), error in failures]
+            # Beam's Parquet sink writes pyarrow Tables (ParquetWriter.write_table); wrapping a batch copies nothing.
+            tables = [pa.Table.from_batches([output]) for output in outputs]
+        return EmbeddedBatch(tables, dead)
 
     def _encode(self, encoder: LoadedEncoder, inputs: np.ndarray) -> np.ndarray:
         vectors = encoder(inputs)
@@ -130,24 +199,23 @@ class EmbedBatch(beam.DoFn):
                 text_vectors[has_text] = self._encode(self._encoders.text, texts)
         return to_record_batch(records, self._config, image_vectors, has_image, text_vectors, has_text)
 
-    def process(self, batch: list[Record]) -> Iterator:
-        records, pixels, dead = self._decode_images(batch)
-        outputs: list[pa.RecordBatch] = []
-        if records:
-            outputs, failures = batch_or_one_by_one(list(zip(records, pixels, strict=True)), self._embed,
-                                                    self._failure_run)
-            dead += [dead_letter(record, Stage.EMBED, Reason.ENCODER_FAILED, error) for (record, _), error in failures]
-        embedded = sum(output.num_rows for output in outputs)
-        self._embedded.inc(embedded)
-        self._progress.add(embedded=embedded)
-        # Beam's Parquet sink writes pyarrow Tables (ParquetWriter.write_table); wrapping a batch copies nothing.
-        yield from (pa.Table.from_batches([output]) for output in outputs)
-        for letter in dead:
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
+
+# What fills one of a batch's --batch_size slots: a record takes more than one when its image has more pixels (the
+# decoder holds 3 bytes a pixel, several images at once) or its text more characters (an encoder that does not cut
+# texts short holds activations per token) than this, so a batch of huge images or long texts holds fewer records.
+PIXELS_PER_SLOT = 4_000_000  # a 12-megapixel photo takes 3 slots; 640x480 and 2048x1536 photos take one
+TEXT_CHARS_PER_SLOT = 2_000  # about 500 tokens, the most a BERT-sized text encoder reads
+
+
+def batch_slots(record: Record) -> int:
+    """How many of a batch's slots a record takes: 1, or more for a large image or a long text."""
+    return max(1, -(-(record.image_pixels or 0) // PIXELS_PER_SLOT),
+               -(-len(record.text or "") // TEXT_CHARS_PER_SLOT))
 
 
 class EmbedRecords(beam.PTransform):
-    """prepared records → (pyarrow Tables of `config.schema`, dead_letters), in batches sized by BatchElements."""
+    """prepared records → (pyarrow Tables of `config.schema`, dead_letters), in batches sized by BatchElements and
+    weighed by `batch_slots`: at most max_batch_size records, fewer when their images are large or texts long."""
 
     def __init__(self, config: EmbedConfig, progress: ProgressLog, min_batch_size: int = 8, max_batch_size: int = 32):
         super().__init__()
@@ -159,7 +227,7 @@ class EmbedRecords(beam.PTransform):
     def expand(self, records):
         outputs = (records
                    | "Batch" >> beam.BatchElements(min_batch_size=self._min_batch_size,
-                                                   max_batch_size=self._max_batch_size)
+                                                   max_batch_size=self._max_batch_size, element_size_fn=batch_slots)
                    | "Embed" >> beam.ParDo(EmbedBatch(self._config, shared.Shared(), self._progress))
                    .with_outputs(DEAD_LETTER_TAG, main="embeddings"))
         return outputs.embeddings, outputs[DEAD_LETTER_TAG]

@@ -6,6 +6,8 @@ The embed step, fine-tune training and the fine-tuned serving model all call it 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from encoders.runtime import tf
@@ -15,6 +17,9 @@ from transforms.dead_letters import telling_message
 EXIF_MAX_SEGMENTS = 16  # APP and comment segments walked for the Exif one (in practice the first, or the second)
 EXIF_MAX_ENTRIES = 64  # IFD0 entries read for Orientation (tags are sorted: 0x0112 comes among the first dozen)
 EXIF_ORIENTATION_TAG = 0x0112
+# libjpeg decodes a JPEG at 1/2, 1/4 or 1/8 of its size from fewer DCT coefficients, at a fraction of the cost of a
+# full decode: a 640x480 photo fed to a 224 encoder needs only its 320x240 version, a 2048x1536 one its 512x384.
+JPEG_SCALES = (1, 2, 4, 8)
 JPEG_FILL_GREY = 128  # all-zero coefficients: what libjpeg decodes where a JPEG's data ended early
 # Bytes fed to a suspect JPEG before its end marker (see ImageDecoder): the leading 0 makes a dangling 0xFF a stuffed
 # byte, and no 0xFF follows, so they hold no marker.
@@ -102,20 +107,39 @@ def _palette_bmp(data: tf.Tensor) -> tf.Tensor:
 
 
 def _decode_rgb(data: tf.Tensor) -> tf.Tensor:
-    """Encoded bytes → [H, W, 3] uint8 as stored (before any Exif orientation)."""
+    """Encoded bytes → [H, W, 3] uint8 as stored (before any Exif orientation), at full resolution."""
     bmp_8bit = _starts_with(data, b"BM") & tf.equal(_numbers_at(data, 28, 1, tf.uint16, big_endian=False)[0], 8)
     # channels=3: grey and RGBA made RGB; expand_animations=False: a GIF's first frame.
     return tf.cond(bmp_8bit, lambda: _palette_bmp(data),
                    lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
 
 
+def jpeg_scale(data: tf.Tensor, size: int) -> tf.Tensor:
+    """The index into JPEG_SCALES of the largest scale-down whose short side stays ≥ `size` (libjpeg rounds the
+    scaled sides up), from the JPEG's frame header."""
+    height_width = tf.io.extract_jpeg_shape(data)[:2]
+    short = tf.reduce_min(height_width)
+    return tf.add_n([tf.cast((short + scale - 1) // scale >= size, tf.int32) for scale in JPEG_SCALES[1:]])
+
+
+def _decode_rgb_for(data: tf.Tensor, size: int) -> tf.Tensor:
+    """Encoded bytes → [H, W, 3] uint8, a JPEG decoded at the smallest DCT scale whose short side stays ≥ `size`
+    (the resize that follows only ever shrinks it less), anything else at full resolution."""
+    return tf.cond(_starts_with(data, b"\xff\xd8"),
+                   lambda: tf.switch_case(jpeg_scale(data, size), [
+                       lambda scale=scale: tf.io.decode_jpeg(data, channels=3, ratio=scale)
+                       for scale in JPEG_SCALES]),
+                   lambda: _decode_rgb(data))
+
+
 def _decode(data: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
     """(pixels, ends_grey): decode_and_resize's pixels, and whether the image is a JPEG whose last pixel is the flat
     grey libjpeg writes where a JPEG's data ended early (see ImageDecoder)."""
-    stored = _decode_rgb(data)
-    # Decode to uint8 and convert after: TF's WebP decoder refuses a float32 dtype (the /255 is the same).
-    image = tf.image.convert_image_dtype(stored, tf.float32)
-    image = tf.clip_by_value(tf.image.resize(image, [size, size], method="bilinear"), 0.0, 1.0)
+    stored = _decode_rgb_for(data, size)
+    # Resized from uint8, then scaled to [0, 1]: a float copy of the whole decoded image would be 4 bytes a channel.
+    # Antialiased: a bilinear shrink without it samples 4 pixels of each output's area and aliases fine detail.
+    image = tf.image.resize(stored, [size, size], method="bilinear", antialias=True) / 255.0
+    image = tf.clip_by_value(image, 0.0, 1.0)
     # Oriented after the resize: on the square image it is cheaper, and resizing commutes with transposes and mirrors.
     pixels = _orient(image, exif_orientation(data))
     ends_grey = _starts_with(data, b"\xff\xd8") & tf.reduce_all(tf.equal(stored[-1, -1], JPEG_FILL_GREY))
@@ -126,7 +150,8 @@ def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
     """One encoded image (a scalar string tensor) → [size, size, 3] float32 in [0, 1], upright, in graph ops.
 
     JPEG (and MPO's first picture), PNG, GIF (first frame), BMP (8-bit through its palette), still WebP; grey and
-    RGBA made RGB; turned upright by the JPEG's Exif orientation, as PIL.ImageOps.exif_transpose does. The one
+    RGBA made RGB; a large JPEG decoded at the DCT scale that keeps its short side ≥ `size`; resized bilinear with
+    antialiasing; turned upright by the JPEG's Exif orientation, as PIL.ImageOps.exif_transpose does. The one
     decoder of the project: the embed step, fine-tune training and the fine-tuned serving model all call it, so
     serving sees the pixels training saw.
     """
@@ -155,6 +180,10 @@ def _jpeg_scan_end(data: bytes) -> int | None:
     return None
 
 
+ENDS_EARLY = ("the JPEG's data ends before its last rows (truncated, or its header claims more rows than it holds): "
+              "the decoder would fill them with grey")
+
+
 class ImageDecodeError(ValueError):
     """Image bytes the decoder cannot give the image's pixels of: TF's decoders failed, or decoded filler."""
 
@@ -170,10 +199,40 @@ class ImageDecoder:
     same, one whose data ended early decodes them into its missing blocks, which change.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, parallel: int | None = None):
         spec = [tf.TensorSpec([], tf.string)]
+        self._size = size
         self._decode = tf.function(lambda data: _decode(data, size), input_signature=spec)
         self._decode_stored = tf.function(_decode_rgb, input_signature=spec)
+        # A batch decoded as one graph: map_fn runs `parallel` images at once on TensorFlow's inter-op threads.
+        self._decode_many = tf.function(
+            lambda data: tf.map_fn(lambda one: _decode(one, size), data, parallel_iterations=parallel or 8,
+                                   fn_output_signature=(tf.float32, tf.bool)),
+            input_signature=[tf.TensorSpec([None], tf.string)])
+
+    def decode_batch(self, images: Sequence[bytes]) -> tuple[np.ndarray, list[ImageDecodeError | None]]:
+        """Images decoded side by side on the process's cores: [n, size, size, 3] float32, and for each image None
+        or the ImageDecodeError it gives (its pixels are then zeros). One graph call decodes the batch; when an
+        image breaks it (rare: prepare refused what the header shows), each is decoded alone, to tell which."""
+        pixels = np.zeros((len(images), self._size, self._size, 3), np.float32)
+        errors: list[ImageDecodeError | None] = [None] * len(images)
+        if not images:
+            return pixels, errors
+        try:
+            decoded, ends_grey = self._decode_many(tf.constant(list(images), tf.string))
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            for index, data in enumerate(images):
+                try:
+                    pixels[index] = self(data)
+                except ImageDecodeError as error:
+                    errors[index] = error
+            return pixels, errors
+        pixels[:] = decoded.numpy()
+        for index in np.flatnonzero(ends_grey.numpy()):
+            if self._ends_early(images[index]):
+                errors[index] = ImageDecodeError(ENDS_EARLY)
+                pixels[index] = 0.0
+        return pixels, errors
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Raises ImageDecodeError, in the decoder's words, for bytes it cannot give the image's pixels of."""
@@ -182,8 +241,7 @@ class ImageDecoder:
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
             raise ImageDecodeError(telling_message(error)) from error
         if ends_grey and self._ends_early(data):
-            raise ImageDecodeError("the JPEG's data ends before its last rows (truncated, or its header claims more "
-                                   "rows than it holds): the decoder would fill them with grey")
+            raise ImageDecodeError(ENDS_EARLY)
         return pixels.numpy()
 
     def _ends_early(self, data: bytes) -> bool:

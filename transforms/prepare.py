@@ -272,6 +272,11 @@ def gif_first_frame(data: bytes) -> bytes:
 def check_image(data: bytes, max_pixels: int, max_bytes: int) -> bytes:
     """Judge image bytes by their header, never decoding them: the bytes the decoder gets (an animated GIF cut after
     its first frame), or ImageRefused."""
+    return _checked_image(data, max_pixels, max_bytes)[0]
+
+
+def _checked_image(data: bytes, max_pixels: int, max_bytes: int) -> tuple[bytes, int]:
+    """check_image, and the image's pixel count from its header."""
     if not data:
         raise ImageRefused(Reason.IMAGE_EMPTY, "the image has zero bytes")
     if len(data) > max_bytes:
@@ -279,23 +284,23 @@ def check_image(data: bytes, max_pixels: int, max_bytes: int) -> bytes:
                                                    f"{max_bytes}")
     image_format, width, height = _header(data)
     _judge(image_format, width, height, data, max_pixels)
-    return gif_first_frame(data) if image_format == "GIF" else data
+    return (gif_first_frame(data) if image_format == "GIF" else data), width * height
 
 
 def fetch_and_check_image(record: Record, max_pixels: int,
                           max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Iterator[Record | DeadLetter]:
     """Read the image's bytes if it came as a URI (bounded: see read_image), then check its header: format,
     variant and pixel count, not decoding. Inline bytes (image_bytes columns, shard members) meet the same cap."""
-    data = record.image_bytes
+    data, pixels = record.image_bytes, None
     try:
         if record.image_uri is not None and data is None:
             data = read_image(record.image_uri, max_bytes, max_pixels)
         if data is not None:
-            data = check_image(data, max_pixels, max_bytes)
+            data, pixels = _checked_image(data, max_pixels, max_bytes)
     except ImageRefused as refused:
         yield dead_letter(record, Stage.PREPARE, refused.reason, refused.error)
         return
-    yield record if data is record.image_bytes else dataclasses.replace(record, image_bytes=data)
+    yield dataclasses.replace(record, image_bytes=data, image_pixels=pixels) if data is not None else record
 
 
 class PrepareRecords(beam.PTransform):

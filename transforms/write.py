@@ -15,7 +15,6 @@ from schemas.dead_letters import DEAD_LETTER_SCHEMA
 from schemas.layout import PARQUET_SUFFIX
 from transforms.dead_letters import CountDeadLetters
 
-
 # Beam's own WriteToParquet buffers this much before it writes a row group. The batched sink writes a row group per
 # Table it is given, and the job's Tables are model batches of 8-32 rows: without this, a file of 10,000 rows held
 # hundreds of row groups, slow to open for every reader and for --reuse.

@@ -1,0 +1,110 @@
+"""Decoding off the critical path: JPEGs decoded at the DCT scale the encoder needs, batches decoded side by side,
+batches weighed by image pixels and text length, and the three-stage EmbedBatch losing nothing."""
+
+from __future__ import annotations
+
+import io
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from benchmarks.photo_corpus import photo_jpeg, source_photos
+from encoders.hub_module import EncoderSpec, probe_encoder
+from encoders.runtime import tf
+from schemas import embeddings as cols
+from schemas.records import Record
+from tests import corpus_builders as corpora
+from transforms.embed import PIXELS_PER_SLOT, TEXT_CHARS_PER_SLOT, EmbedConfig, EmbedRecords, batch_slots
+from transforms.image_decode import JPEG_SCALES, ImageDecodeError, ImageDecoder, decode_and_resize, jpeg_scale
+from transforms.report import ProgressLog
+
+SIZE = 224
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    return source_photos()
+
+
+def jpeg_of(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 40, 90)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("width, height, scale", [(640, 480, 2), (2048, 1536, 4), (4000, 3000, 8), (300, 250, 1),
+                                                  (447, 900, 2), (445, 900, 1)])
+def test_the_dct_scale_keeps_the_short_side_at_least_the_input_size(width, height, scale):
+    data = jpeg_of(width, height)
+    chosen = JPEG_SCALES[int(jpeg_scale(tf.constant(data), SIZE))]
+    assert chosen == scale
+    assert min(tf.io.decode_jpeg(data, ratio=chosen).shape[:2]) >= SIZE  # as libjpeg rounds the scaled sides
+    if scale < JPEG_SCALES[-1]:
+        assert min(tf.io.decode_jpeg(data, ratio=scale * 2).shape[:2]) < SIZE  # the next scale would be too small
+
+
+@pytest.mark.parametrize("size", [(640, 480), (2048, 1536)])
+def test_a_jpeg_decoded_at_its_dct_scale_is_close_to_the_full_resolution_decode(photos, size):
+    data = photo_jpeg(photos, seed=7, size=size)
+    full = tf.io.decode_jpeg(data, channels=3)
+    reference = tf.image.resize(full, [SIZE, SIZE], method="bilinear", antialias=True).numpy() / 255.0
+    scaled = decode_and_resize(tf.constant(data), SIZE).numpy()
+    difference = np.abs(scaled - reference)
+    # libjpeg's scaled IDCT is a box filter of the 8x8 block: a few levels of 255 apart, never a different picture.
+    assert difference.mean() < 0.01 and np.percentile(difference, 99) < 0.06, (difference.mean(), difference.max())
+
+
+def test_a_batch_decodes_as_each_image_alone_and_names_the_broken_ones(photos):
+    good = photo_jpeg(photos, seed=1)
+    whole = photo_jpeg(photos, seed=2)
+    end = whole.rindex(b"\xff\xd9")
+    truncated = whole[: len(whole) // 2] + whole[end:]  # closed with an end marker: decodes, with grey rows
+    images = [good, corpora.image_bytes(3, size=(300, 200)), b"\xff\xd8\xff\xe0 not a jpeg at all", truncated,
+              corpora.image_bytes(4, fmt="JPEG")]
+    decoder = ImageDecoder(SIZE)
+    pixels, errors = decoder.decode_batch(images)
+    assert [error is not None for error in errors] == [False, False, True, True, False]
+    assert all(isinstance(error, ImageDecodeError) for error in errors if error is not None)
+    for index in (0, 1, 4):
+        np.testing.assert_allclose(pixels[index], decoder(images[index]), atol=1e-6)
+    # Without the broken ones the batch is one graph call; its pixels are the same.
+    together, none = decoder.decode_batch([images[0], images[1], images[4]])
+    assert none == [None, None, None]
+    np.testing.assert_allclose(together, pixels[[0, 1, 4]], atol=1e-6)
+
+
+def test_large_images_and_long_texts_take_more_slots():
+    assert batch_slots(Record(id="a", source="s", text="a caption", image_pixels=640 * 480)) == 1
+    assert batch_slots(Record(id="b", source="s", image_pixels=2048 * 1536)) == 1
+    assert batch_slots(Record(id="c", source="s", image_pixels=3 * PIXELS_PER_SLOT)) == 3
+    assert batch_slots(Record(id="d", source="s", image_pixels=3 * PIXELS_PER_SLOT + 1)) == 4
+    assert batch_slots(Record(id="e", source="s", text="x" * (2 * TEXT_CHARS_PER_SLOT + 1))) == 3
+
+
+def test_long_texts_make_smaller_batches_and_every_record_comes_out(fixture_encoders):
+    """A real pipeline: 12 short texts and 6 of 3 slots each, batches of 8 slots; each output table is one model
+    batch, so its rows say how the records were batched."""
+    text = probe_encoder(EncoderSpec("text", fixture_encoders["text"]))
+    schema = cols.embeddings_schema(None, text.dim, (), {}, cols.VECTORS_CONCAT, "float32")
+    config = EmbedConfig(image=None, text=text, schema=schema)
+    short = [Record(id=f"short-{i}", source="s", text=f"caption {i}") for i in range(12)]
+    long = [Record(id=f"long-{i}", source="s", text="word " * (TEXT_CHARS_PER_SLOT // 2)) for i in range(6)]
+    with beam.Pipeline("DirectRunner") as pipeline:
+        tables, dead = (pipeline
+                        | beam.Create(short + long, reshuffle=False)
+                        | EmbedRecords(config, ProgressLog(1000), min_batch_size=8, max_batch_size=8))
+        ids = tables | "Ids" >> beam.FlatMap(lambda table: table.column(cols.ID).to_pylist())
+        assert_that(ids, equal_to([record.id for record in short + long]), label="every record embedded")
+        assert_that(dead, equal_to([]), label="no dead letters")
+        batches = tables | "Rows" >> beam.Map(lambda table: (
+            table.num_rows, all(name.startswith("long") for name in table.column(cols.ID).to_pylist())))
+
+        def check(sizes: list[tuple[int, bool]]) -> None:
+            assert max(rows for rows, _ in sizes) == 8  # short texts fill the batch
+            long_batches = [rows for rows, all_long in sizes if all_long]
+            assert long_batches and max(long_batches) <= 2  # 3 slots each: two fit in 8 slots, never three
+
+        assert_that(batches, check, label="batch sizes")
