@@ -34,7 +34,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python benchmarks/bench_embed_job.py
+	$(BIN)/python benchmarks/bench_throughput.py
 
 clean:
 	rm -rf out $(VENV)

