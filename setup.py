@@ -32,5 +32,5 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pandas>=2", "ruff>=0.6", "scikit-image>=0.24", "duckdb>=1.1"],
     },
-    entry_points={"console_scripts": ["hubembed=beam_jobs.cli:main"]},
+    entry_points={"console_scripts": ["hubembed=beam_jobs.cli:console_main"]},
 )

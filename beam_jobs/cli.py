@@ -1,33 +1,74 @@
 """`hubembed <command> ...`: one console script over the project's entry points.
 
-    hubembed embed    ...   the embedding job (beam_jobs.embed_corpus)
-    hubembed encoders bake  the pretrained default encoders (encoders.pretrained)
-    hubembed train    ...   a classifier on the embeddings (beam_jobs.train_classifier)
-    hubembed predict  ...   score embeddings with a trained classifier (beam_jobs.predict)
+A command's --help, and a flag of the wrong type, are answered from its flags alone (beam_jobs.flags), without
+importing the job: Beam and TensorFlow cost seconds to import, a help page should not. Only a command that runs
+imports its module, and calls the same `main(argv)` as `python -m <module>`.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
 import sys
+import threading
+from typing import NoReturn
 
-COMMANDS = {
-    "embed": "beam_jobs.embed_corpus",
-    "encoders": "encoders.pretrained",
-    "train": "beam_jobs.train_classifier",
-    "predict": "beam_jobs.predict",
+from beam_jobs.flags import JOBS
+
+# Commands whose module parses its own arguments (its own subcommands); cheap to import.
+DELEGATED = {
+    "encoders": ("encoders.pretrained", "the pretrained default encoders: `hubembed encoders bake`"),
 }
+
+
+def usage() -> str:
+    width = max(len(name) for name in (*JOBS, *DELEGATED))
+    lines = ["usage: hubembed <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {command.summary}" for name, command in JOBS.items()]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in DELEGATED.items()]
+    lines += ["", "`hubembed <command> --help` lists the command's options; `hubembed embed ...` runs what "
+                  "`python -m beam_jobs.embed_corpus ...` runs."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip(), file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    # Import only the chosen entry point: each pulls in TensorFlow and Beam, which take seconds.
-    module = importlib.import_module(COMMANDS[argv[0]])
-    return module.main(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name in DELEGATED:
+        return importlib.import_module(DELEGATED[name][0]).main(rest)
+    if name not in JOBS:
+        print(f"hubembed: error: no command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    command = JOBS[name]
+    command.parser(prog=f"hubembed {name}").parse_known_args(rest)  # --help and flag types, as argparse reports them
+    return importlib.import_module(command.module).main(rest)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code` once a job has returned: exit handlers run and the streams are flushed, but
+    Python's own finalization is skipped. Tearing down TensorFlow's and Beam's module graphs takes about 2 s on 2
+    cores and does nothing a finished job needs (its files are closed and published by then). With a non-daemon
+    thread still alive, which a normal exit waits for, the exit is the normal one."""
+    others = [thread for thread in threading.enumerate() if thread is not threading.current_thread()]
+    if any(thread.is_alive() and not thread.daemon for thread in others):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # logging.shutdown, weakref finalizers (temporary folders), libraries' own handlers
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more can reach it
+            pass
+    os._exit(code)
+
+
+def console_main() -> NoReturn:
+    """The `hubembed` console script (setup.py)."""
+    exit_process(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -15,13 +15,14 @@ import datetime
 import json
 import logging
 import os
-import sys
 from importlib import metadata as package_metadata
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_jobs import output_folder
+from beam_jobs import flags, output_folder
+from beam_jobs.cli import exit_process
+from beam_jobs.flags import NO_ENCODER
 from beam_jobs.launch import LOCAL_RUNNERS, REMOTE_RUNNERS, JobConfigError, finish_run, job_main
 from encoders import pretrained
 from encoders.hub_module import EncoderConfigError, EncoderSpec, probe_encoder
@@ -31,19 +32,13 @@ from schemas import layout
 from schemas.report import EmbedRunReport
 from transforms.checkpoint import CheckpointBatches, checkpoint_files
 from transforms.embed import EmbedConfig, EmbedRecords
-from transforms.prepare import (
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    DEFAULT_MAX_TEXT_CHARS,
-    PrepareRecords,
-)
-from transforms.read import INPUT_FORMATS, CorpusConfigError, ReadCorpus, infer_format, match_patterns
+from transforms.prepare import PrepareRecords
+from transforms.read import CorpusConfigError, ReadCorpus, infer_format, match_patterns
 from transforms.report import ProgressLog
 from transforms.reuse import ReuseConfigError, ReuseStoredVectors, find_reusable_files, reuse_key, usable_checkpoints
 from transforms.write import WriteDeadLetters, WriteEmbeddings
 
 JOB_NAME = "embed_corpus"
-NO_ENCODER = "none"
 PROBE_CACHE_DIR = "_probes"  # in the encoder cache: what start-up learnt of each module's content
 
 log = logging.getLogger("hubembed")
@@ -54,61 +49,7 @@ class EmbedCorpusOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        group = parser.add_argument_group("hubembed embed_corpus")
-        group.add_argument("--input", help="manifest (.jsonl/.csv/.parquet, globs ok), image folder root, "
-                                           "WebDataset shards (shard-{000000..000009}.tar) or TFRecord files")
-        group.add_argument("--output", help="output folder, published when the run succeeds: embeddings-*.parquet, "
-                                            "_dead_letters/, _run_report.json, then _SUCCESS")
-        group.add_argument("--reuse", action="append", default=[],
-                           help="an earlier output (folder or glob of folders, e.g. 'ROOT/dt=*'; repeatable) whose "
-                                "vectors unchanged records take instead of being embedded again")
-        group.add_argument("--vectors", default=cols.VECTORS_CONCAT, choices=cols.VECTOR_CHOICES,
-                           help="vector columns to write: the multimodal `embedding` (concat), the per-modality "
-                                "ones (modalities), or both")
-        group.add_argument("--float16", action="store_true", help="store vectors as float16 (half the size)")
-        group.add_argument("--no_checkpoint", action="store_true",
-                           help="do not checkpoint finished batches under _staging/ (a killed run then starts over)")
-        group.add_argument("--input_format", default="auto", choices=("auto", *INPUT_FORMATS),
-                           help="force the input format instead of inferring it from --input")
-        for modality, default_name in (("image", "MobileNet V1 feature vector"), ("text", "all-MiniLM-L6-v2")):
-            group.add_argument(f"--{modality}_encoder", default="",
-                               help=f"{modality} encoder: a TF Hub / Kaggle handle or a SavedModel folder (local or "
-                                    f"gs://); empty: the project's baked {default_name}; '{NO_ENCODER}': no "
-                                    f"{modality} embedding")
-            group.add_argument(f"--{modality}_signature", default=None,
-                               help=f"signature of the {modality} module to call (default: the module's __call__)")
-            group.add_argument(f"--{modality}_output_key", default=None,
-                               help=f"output key of the {modality} module's dict output, if it returns one")
-        group.add_argument("--image_size", type=int, default=None,
-                           help="image height = width fed to the image encoder when its input signature does not "
-                                "fix it (default 224)")
-        group.add_argument("--passthrough", default="", help="comma-separated input columns copied to the output")
-        group.add_argument("--batch_size", type=int, default=32, help="largest batch sent through a model")
-        group.add_argument("--min_batch_size", type=int, default=8,
-                           help="smallest batch BatchElements starts from before it adapts upwards")
-        group.add_argument("--num_shards", type=int, default=0, help="output Parquet files (0: the runner chooses)")
-        group.add_argument("--l2_normalize", action="store_true",
-                           help="L2-normalise each modality's vector before concatenating")
-        group.add_argument("--max_error_rate", type=float, default=0.01,
-                           help="exit non-zero when dead letters / records read exceeds this")
-        group.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                           help="images with more pixels (from the header) are dead-lettered, never decoded")
-        group.add_argument("--max_image_bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
-                           help="larger image files and image_bytes values are dead-lettered (image_too_large); a "
-                                "file is never read past this many bytes")
-        group.add_argument("--max_text_chars", type=int, default=DEFAULT_MAX_TEXT_CHARS,
-                           help="longer texts are dead-lettered (text_too_long) before any encoder sees them")
-        group.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
-                           help="where the encoders run: the GPU when TensorFlow sees one, or forced")
-        for field, default in (("id", "id"), ("image", "image/encoded"), ("text", "text"), ("label", "label")):
-            group.add_argument(f"--tfrecord_{field}_key", default=default,
-                               help=f"tf.train.Example feature holding the {field}")
-        group.add_argument("--progress_interval", type=float, default=10.0, help="seconds between progress lines")
-        group.add_argument("--overwrite", action="store_true",
-                           help="replace the output of an earlier run in --output instead of refusing to start")
-        group.add_argument("--encoder_cache_dir", default=None,
-                           help="where the baked default encoders live (default $HUBEMBED_CACHE_DIR or "
-                                "~/.cache/hubembed/encoders)")
+        flags.add_embed_flags(parser)
 
 
 @dataclasses.dataclass
@@ -208,7 +149,8 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
             "orientation": "JPEG Exif orientation applied (2-8, as PIL.ImageOps.exif_transpose)",
             "jpeg_dct_scale": "a JPEG is decoded at the largest of libjpeg's 1/2, 1/4, 1/8 scales whose short side "
                               "stays >= size (tf.io.decode_jpeg ratio)",
-            "resize": "tf.image.resize bilinear, antialias, no crop", "size": [image.image_size, image.image_size],
+            "resize": "tf.image.resize area when shrinking, bilinear (antialias) when enlarging, no crop",
+            "size": [image.image_size, image.image_size],
             "value_range": [0.0, 1.0], "dtype": "float32"}, sort_keys=True)
     if text is not None:
         metadata[cols.META_TEXT_ENCODER] = text.to_json()
@@ -246,10 +188,13 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
     if not job.no_checkpoint:
         embeddings = embeddings | "Checkpoint" >> beam.ParDo(CheckpointBatches(plan.folder.checkpoints))
     staged = plan.folder.staged()
-    ((embeddings, reused)
-     | "AllEmbeddings" >> beam.Flatten()
-     | "WriteEmbeddings" >> WriteEmbeddings(staged[layout.EMBEDDINGS_PREFIX], plan.embed_config.schema,
-                                            job.num_shards))
+    # Fresh and reused rows have sinks of their own, their files one dataset either way: a Flatten of the two would
+    # be a stage boundary, where DirectRunner holds every table of the run in memory until both sides are done.
+    embeddings | "WriteEmbeddings" >> WriteEmbeddings(staged[layout.EMBEDDINGS_PREFIX], plan.embed_config.schema,
+                                                      job.num_shards)
+    if plan.stored_files:
+        reused | "WriteReused" >> WriteEmbeddings(staged[layout.EMBEDDINGS_PREFIX] + layout.REUSED_INFIX,
+                                                  plan.embed_config.schema, job.num_shards)
     ((unreadable, unprepared, unrefetched, unembedded)
      | "AllDeadLetters" >> beam.Flatten()
      | "WriteDeadLetters" >> WriteDeadLetters(staged["dead_letters"], progress))
@@ -273,8 +218,8 @@ def run(argv: list[str] | None = None) -> EmbedRunReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main(argv, "python -m beam_jobs.embed_corpus", __doc__, EmbedCorpusOptions, run, finish_run)
+    return job_main(argv, flags.EMBED, run, finish_run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

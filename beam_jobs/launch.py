@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import difflib
 import logging
+import multiprocessing
 import os
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.portability.api import beam_provision_api_pb2
+from apache_beam.runners.portability.fn_api_runner import fn_runner
+from apache_beam.runners.portability.portable_runner import JobServiceHandle
+from apache_beam.runners.runner import PipelineResult, PipelineRunner
 
+from beam_jobs.flags import JobCommand
 from schemas.report import RunReport
 from transforms.report import format_report
 
@@ -21,8 +27,18 @@ EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
 # Runners whose workers never share the launcher's disk. Flink, Spark and Portable runners can run on this machine
 # (a local job server, an embedded cluster), so a local folder is left for them to judge.
 REMOTE_RUNNERS = ("DataflowRunner",)
+# What --runner names Beam's DirectRunner by (Beam matches runner names without case).
+DIRECT_RUNNER_NAMES = ("direct", "directrunner")
+# Where a job runs for DirectRunner: the class pin_direct_runner puts in the options, by Beam's runner path.
+IN_PROCESS_RUNNER = "beam_jobs.launch.InProcessRunner"
 # Runners whose workers are processes of this machine: what the launcher sees (a GPU) is what they see.
-LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner")
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner", IN_PROCESS_RUNNER)
+# TensorFlow sizes its thread pools from these when it first runs an op (unless a session config says otherwise).
+TF_THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+# The logger under which Beam relays the log of its SDK worker processes (--direct_running_mode multi_processing).
+WORKER_LOG_RELAY = "apache_beam.runners.portability.local_job_service"
+
+log = logging.getLogger("hubembed")
 
 ReportT = TypeVar("ReportT")
 
@@ -31,17 +47,17 @@ class JobConfigError(ValueError):
     """Misconfiguration found at start; the message is one line, fit for the console."""
 
 
-def job_main(argv: list[str] | None, prog: str, doc: str, options_class: type,
-             run: Callable[[list[str]], ReportT], finish: Callable[[ReportT], int]) -> int:
+def job_main(argv: list[str] | None, command: JobCommand, run: Callable[[list[str]], ReportT],
+             finish: Callable[[ReportT], int]) -> int:
     """Parse (for --help and flag types), log, run; a JobConfigError is one `hubembed: error:` line and exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
-                                     epilog="Any other flag (--runner, --project, --region, ...) goes to Beam.")
-    options_class._add_argparse_args(parser)
-    parser.parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
+    command.parser().parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("hubembed", "encoders"):
         logging.getLogger(name).setLevel(logging.INFO)
+    relay = logging.getLogger(WORKER_LOG_RELAY)
+    if not any(isinstance(existing, WorkerStartUpNotices) for existing in relay.filters):
+        relay.addFilter(WorkerStartUpNotices())
     try:
         check_flag_spelling(argv)
         report = run(argv)
@@ -49,6 +65,89 @@ def job_main(argv: list[str] | None, prog: str, doc: str, options_class: type,
         print(f"hubembed: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     return finish(report)
+
+
+class WorkerStartUpNotices(logging.Filter):
+    """Drops the two warnings every SDK worker process logs as it starts, about Beam's own housekeeping (the job's
+    options, which the worker parses before it has imported their classes; no semi-persistent folder, which local
+    workers never have): they say nothing about the job, and would be four long lines on the console per run."""
+
+    NOTICES = ("Discarding unparseable args", "No semi_persistent_directory found")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
+
+
+class InProcessRunner(PipelineRunner):
+    """DirectRunner for batch jobs, without its detour through Prism.
+
+    Beam 2.77's DirectRunner first tries the Prism runner, downloading its binary from GitHub (on a machine
+    without internet it logs the failure and falls back): a job would then run on an engine none of the tests
+    cover, whose metrics are named otherwise. This runs the pipeline on Beam's FnApiRunner, built as Beam's
+    SwitchingDirectRunner builds it for batch pipelines (the pipeline options in the provision info, where
+    multi_processing workers read them); --direct_num_workers and --direct_running_mode keep their meaning.
+    """
+
+    def run_pipeline(self, pipeline, options: PipelineOptions) -> PipelineResult:
+        encoded_options = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+        provision_info = fn_runner.ExtendedProvisionInfo(
+            beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded_options))
+        processes = worker_processes(options)
+        with tensorflow_threads_per_worker(processes):
+            if processes:
+                log.info("running on Beam's FnApiRunner in %d worker process%s, TensorFlow threads in each: %s",
+                         processes, "es" if processes > 1 else "",
+                         ", ".join(f"{name}={os.environ.get(name, 'one per core')}" for name in TF_THREAD_VARIABLES))
+            else:
+                log.info("running on Beam's FnApiRunner in this process")
+            return fn_runner.FnApiRunner(provision_info=provision_info).run_pipeline(pipeline, options)
+
+
+def pin_direct_runner(options: PipelineOptions) -> PipelineOptions:
+    """Make DirectRunner (or no --runner) mean InProcessRunner in `options`, for every pipeline built from them
+    (tf.Transform's too); any other runner named stays as asked. Returns `options`."""
+    standard = options.view_as(StandardOptions)
+    if standard.runner is None or standard.runner.lower() in DIRECT_RUNNER_NAMES:
+        standard.runner = IN_PROCESS_RUNNER
+    return options
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_processes(options: PipelineOptions) -> int:
+    """How many SDK worker processes the FnApiRunner starts for `options`; 0 when it runs the pipeline in this
+    process (in_memory; multi_threading, whose workers are threads)."""
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode != "multi_processing":
+        return 0
+    return direct.direct_num_workers or multiprocessing.cpu_count()  # 0: one per core, as the FnApiRunner reads it
+
+
+@contextlib.contextmanager
+def tensorflow_threads_per_worker(processes: int) -> Iterator[None]:
+    """Give each of `processes` worker processes its share of the cores for TensorFlow, while they start.
+
+    Each SDK worker process starts its own TensorFlow, whose thread pools hold a thread per core: N of them
+    oversubscribe the cores N times, and the image decoder's threads and the model's fight over them. The worker
+    processes inherit this process's environment, so the variables TensorFlow reads when it creates its pools are
+    set for the run's length, unless the user set them. Threads of one process (in_memory, multi_threading) share
+    one TensorFlow, whose pools already hold one thread per core: nothing to share out.
+    """
+    if processes <= 1:
+        yield
+        return
+    share = str(max(1, usable_cores() // processes))
+    added = {name: share for name in TF_THREAD_VARIABLES if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def check_flag_spelling(argv: list[str]) -> None:

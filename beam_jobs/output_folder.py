@@ -27,7 +27,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_jobs.launch import JobConfigError, check_output_folder
+from beam_jobs.launch import JobConfigError, check_output_folder, pin_direct_runner
 from schemas import layout
 from schemas.report import RunReport
 from transforms.files import matching_paths
@@ -211,7 +211,7 @@ def run_and_publish(options: PipelineOptions, build: Callable[[beam.Pipeline], N
     """Build the pipeline (`build`), run it, report, and publish the run when it passed; the folder is released
     whatever happens."""
     try:
-        pipeline = beam.Pipeline(options=options)
+        pipeline = beam.Pipeline(options=pin_direct_runner(options))  # DirectRunner: in-process, never Prism
         build(pipeline)
         started = time.perf_counter()
         result = pipeline.run()

@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_jobs import output_folder
+from beam_jobs import flags, output_folder
+from beam_jobs.cli import exit_process
 from beam_jobs.launch import REMOTE_RUNNERS, JobConfigError, finish_run, job_main
-from beam_jobs.options import add_flag
 from schemas import embeddings as cols
 from schemas import layout
 from schemas import predictions as pred
@@ -47,20 +46,7 @@ class PredictOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        group = parser.add_argument_group("hubembed predict")
-        add_flag(group, "--input", help="an embed_corpus output folder, or a glob of its Parquet files (local or gs://)")
-        add_flag(group, "--model", help="the serving model folder train_classifier wrote (<output>/model)")
-        add_flag(group, "--output", help="output folder: predictions-*.parquet, _dead_letters/, _run_report.json, "
-                                            "then _SUCCESS")
-        add_flag(group, "--top_k", type=int, default=3, help="labels (with probabilities) kept per row")
-        add_flag(group, "--batch_size", type=int, default=32, help="largest batch sent through the model")
-        add_flag(group, "--min_batch_size", type=int, default=8,
-                           help="smallest batch BatchElements starts from before it adapts upwards")
-        add_flag(group, "--num_shards", type=int, default=0, help="output Parquet files (0: the runner chooses)")
-        add_flag(group, "--max_error_rate", type=float, default=0.01,
-                           help="exit non-zero when dead letters / rows read exceeds this")
-        add_flag(group, "--overwrite", action="store_true",
-                           help="replace the output of an earlier run in --output instead of refusing to start")
+        flags.add_predict_flags(parser)
 
 
 @dataclasses.dataclass
@@ -135,8 +121,8 @@ def run(argv: list[str] | None = None) -> pred.PredictRunReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main(argv, "python -m beam_jobs.predict", __doc__, PredictOptions, run, finish_run)
+    return job_main(argv, flags.PREDICT, run, finish_run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import tempfile
 import time
 
@@ -28,6 +27,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
+from beam_jobs import flags
+from beam_jobs.cli import exit_process
 from beam_jobs.embed_corpus import NO_ENCODER, resolve_encoder
 from beam_jobs.launch import (
     EXIT_OK,
@@ -36,16 +37,15 @@ from beam_jobs.launch import (
     check_output_folder,
     clear_earlier_run,
     job_main,
+    pin_direct_runner,
 )
-from beam_jobs.options import add_flag
 from encoders.hub_module import EncoderSpec
 from schemas import embeddings as cols
 from schemas import layout
 from schemas import predictions as pred
-from schemas.training import FEATURES, ModelInfo, TrainingReport
+from schemas.training import ModelInfo, TrainingReport
 from transforms import fine_tune
 from transforms.classify import (
-    CLASS_WEIGHT_MODES,
     HeadConfig,
     build_head,
     class_weight_for,
@@ -65,8 +65,7 @@ from transforms.embeddings_input import (
 from transforms.embeddings_input import read_table as read_embeddings
 from transforms.plots import plot_confusion_matrix, plot_training_curves
 from transforms.predict import prediction_table
-from transforms.prepare import DEFAULT_MAX_IMAGE_PIXELS
-from transforms.read import INPUT_FORMATS, CorpusConfigError, infer_format, match_patterns
+from transforms.read import CorpusConfigError, infer_format, match_patterns
 from transforms.report import counters
 from transforms.serving import FineTunedModel, FrozenFeatureModel, export, head_inputs
 from transforms.split import SPLITS, TEST, TRAIN, VALIDATION, check_ratios, split_of
@@ -95,48 +94,7 @@ class TrainClassifierOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        group = parser.add_argument_group("hubembed train_classifier")
-        add_flag(group, "--input", help="an embed_corpus output folder or a glob of its Parquet files (local, gs://); "
-                                           "with --fine_tune: the raw corpus, as embed_corpus's --input")
-        add_flag(group, "--output", help="output folder: model/, transform/, training_report.json, "
-                                            "confusion_matrix.png, training_curves.png, test_predictions.parquet")
-        add_flag(group, "--features", default="both", choices=FEATURES,
-                           help="image_embedding, text_embedding, or both concatenated (with has_image/has_text)")
-        add_flag(group, "--validation_ratio", type=float, default=0.15, help="share of ids in the validation split")
-        add_flag(group, "--test_ratio", type=float, default=0.2, help="share of ids in the test split")
-        add_flag(group, "--top_k_labels", type=int, default=0,
-                           help="keep only the k most frequent labels (0: all); rows of other labels are skipped")
-        add_flag(group, "--label_frequency_threshold", type=int, default=0,
-                           help="keep only labels seen at least this often in the training split (0: all)")
-        add_flag(group, "--hidden_units", default="128", help="comma-separated sizes of the head's Dense(relu) "
-                                                                "layers, each followed by Dropout")
-        add_flag(group, "--dropout", type=float, default=0.2, help="dropout rate after each hidden layer")
-        add_flag(group, "--modality_dropout", type=float, default=0.4,
-                 help="--features both: while training, hide a row's image (or its text) with this probability "
-                      "each, as if missing, so the head learns each modality alone too (0: off)")
-        add_flag(group, "--learning_rate", type=float, default=3e-3, help="Adam learning rate of the head")
-        add_flag(group, "--epochs", type=int, default=200, help="most epochs; early stopping usually ends sooner")
-        add_flag(group, "--batch_size", type=int, default=32, help="training batch size")
-        add_flag(group, "--patience", type=int, default=20,
-                           help="epochs without a better validation loss before stopping (best weights restored)")
-        add_flag(group, "--class_weights", default="none", choices=CLASS_WEIGHT_MODES,
-                           help="'balanced': weight each label by n_rows / (n_labels * its rows), for imbalance")
-        add_flag(group, "--seed", type=int, default=0, help="seed of weights, dropout and shuffling")
-        add_flag(group, "--overwrite", action="store_true",
-                           help="replace the output of an earlier run in --output instead of refusing to start")
-        fine = parser.add_argument_group("hubembed train_classifier --fine_tune")
-        add_flag(fine, "--fine_tune", action="store_true",
-                          help="train the encoders too (hub.KerasLayer trainable=True), from the raw corpus")
-        add_flag(fine, "--input_format", default="auto", choices=("auto", *INPUT_FORMATS),
-                          help="the raw corpus's format (as embed_corpus)")
-        add_flag(fine, "--image_encoder", default="", help="image encoder handle (as embed_corpus)")
-        add_flag(fine, "--text_encoder", default="", help="text encoder handle (as embed_corpus)")
-        add_flag(fine, "--image_size", type=int, default=None, help="image size when the encoder does not fix it")
-        add_flag(fine, "--fine_tune_learning_rate", type=float, default=1e-4,
-                          help="Adam learning rate of the whole model (encoders and head) in fine-tune mode")
-        add_flag(fine, "--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                          help="images with more pixels are dead-lettered (as embed_corpus)")
-        add_flag(fine, "--encoder_cache_dir", default=None, help="where the baked default encoders live")
+        flags.add_train_flags(parser)
 
 
 @dataclasses.dataclass
@@ -426,6 +384,7 @@ def run(argv: list[str] | None = None) -> TrainingReport:
     options = PipelineOptions(argv)
     job = options.view_as(TrainClassifierOptions)
     plan = plan_job(job, options.view_as(StandardOptions).runner, options.view_as(GoogleCloudOptions).temp_location)
+    pin_direct_runner(options)  # for tf.Transform's pipeline and fine-tune's records pipeline alike
     return train_fine_tuned(plan, job, options) if plan.mode == "fine_tune" else train_frozen(plan, job, options)
 
 
@@ -445,9 +404,8 @@ def finish_training(report: TrainingReport) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main(argv, "python -m beam_jobs.train_classifier", __doc__, TrainClassifierOptions, run,
-                    finish_training)
+    return job_main(argv, flags.TRAIN, run, finish_training)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -7,18 +7,93 @@ that needs TensorFlow imports it from here, so the variable is set first on the 
 too: a SavedModel whose graph holds its ops (BERT preprocessors, the baked MiniLM) loads only where it is.
 """
 
+import contextlib
+import logging
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-# TensorFlow's C++ INFO/WARNING chatter (oneDNN notices, CUDA probing on CPU-only hosts) drowns the job's own log.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ notices (oneDNN, CUDA probing and cuInit on CPU-only hosts, oneDNN's int64 fallback) drown the
+# job's own lines; errors still reach Python as exceptions. TF_CPP_MIN_LOG_LEVEL=0 brings the notices back.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import tensorflow as tf  # noqa: E402
-import tensorflow_hub as hub  # noqa: E402
-import tensorflow_text  # noqa: E402, F401  (registers the tokenizer ops that TF Hub text modules, ours too, carry)
-import tf_keras  # noqa: E402
+# What TensorFlow's native libraries print while they load, before absl logging is initialised and whatever
+# TF_CPP_MIN_LOG_LEVEL says (TF 2.21: the oneDNN notice and "Could not find cuda drivers", twice each): absl's
+# banner, and lines whose first letter is their severity (I, W, E, F), then the date.
+ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called"
+ABSL_LINE = re.compile(r"^([IWEF])\d{4} ")
+SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3 hides the severities before it
 
-__all__ = ["tf", "hub", "tf_keras", "configure_devices"]
+
+def _min_log_level() -> int:
+    try:
+        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0
+
+
+@contextlib.contextmanager
+def native_start_up_lines_filtered() -> Iterator[None]:
+    """Hold TensorFlow's native start-up lines to TF_CPP_MIN_LOG_LEVEL, as TensorFlow holds its later ones.
+
+    Everything written to file descriptor 2 meanwhile is captured; afterwards the lines below the level go to this
+    module's debug log and everything else (errors, Python warnings, other threads' lines) back to stderr.
+    """
+    level = _min_log_level()
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no stderr to keep clean
+        saved = None
+    if level <= 0 or saved is None:
+        yield
+        return
+    log = logging.getLogger(__name__)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()  # Python's own lines, buffered meanwhile, join the capture in their order
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = []
+            for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True):
+                severity = ABSL_LINE.match(line)
+                if line.startswith(ABSL_BANNER) or (severity and SEVERITIES.index(severity[1]) < level):
+                    log.debug("tensorflow: %s", line.rstrip())
+                else:
+                    kept.append(line)
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def _skip_keras3_probe() -> None:
+    """tensorflow_hub loads every module by first trying Keras 3's `keras.saving.legacy.saved_model`, which Keras 3
+    does not have: the attempt imports all of Keras 3 (0.5-0.8 s per process) to fail, and hub goes on with tf.keras's
+    load context, the one TF_USE_LEGACY_KERAS makes right. Marking the missing module missing makes it fail at once."""
+    try:
+        keras_major = int(metadata.version("keras").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return
+    if keras_major >= 3:
+        sys.modules.setdefault("keras.saving.legacy.saved_model", None)
+
+
+_skip_keras3_probe()
+with native_start_up_lines_filtered():
+    import tensorflow as tf
+    import tensorflow_hub as hub
+    import tensorflow_text  # noqa: F401  (registers the tokenizer ops that TF Hub text modules, ours too, carry)
+    import tf_keras
+
+__all__ = ["tf", "hub", "tf_keras", "configure_devices", "native_start_up_lines_filtered"]
 
 
 def configure_devices(device: str = "auto") -> str:

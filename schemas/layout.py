@@ -2,6 +2,7 @@
 
     OUTPUT/
       embeddings-SSSSS-of-NNNNN.parquet    the dataset (predict: predictions-*.parquet)
+      embeddings-reused-SSSSS-of-NNNNN.parquet   with --reuse: the rows taken from earlier outputs, same schema
       _dead_letters/dead_letters-*.parquet
       _run_report.json
       _SUCCESS                              written last: the run is complete and published
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 PARQUET_SUFFIX = ".parquet"
 EMBEDDINGS_PREFIX = "embeddings"
+REUSED_INFIX = "-reused"  # embeddings-reused-*.parquet: the rows a run took from --reuse outputs and checkpoints
 PREDICTIONS_PREFIX = "predictions"
 DEAD_LETTERS_DIR = "_dead_letters"
 DEAD_LETTERS_PREFIX = "dead_letters"

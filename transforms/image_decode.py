@@ -137,9 +137,13 @@ def _decode(data: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
     grey libjpeg writes where a JPEG's data ended early (see ImageDecoder)."""
     stored = _decode_rgb_for(data, size)
     # Resized from uint8, then scaled to [0, 1]: a float copy of the whole decoded image would be 4 bytes a channel.
-    # Antialiased: a bilinear shrink without it samples 4 pixels of each output's area and aliases fine detail.
-    image = tf.image.resize(stored, [size, size], method="bilinear", antialias=True) / 255.0
-    image = tf.clip_by_value(image, 0.0, 1.0)
+    # A shrink averages each output pixel's area (a plain bilinear shrink samples 4 pixels of it and aliases fine
+    # detail; bilinear with antialias filters as well, at twice the cost); an image smaller than `size` on a side is
+    # enlarged bilinear, which area resizing would do by repeating pixels.
+    shrinking = tf.reduce_all(tf.shape(stored)[:2] >= size)
+    image = tf.cond(shrinking, lambda: tf.image.resize(stored, [size, size], method="area"),
+                    lambda: tf.image.resize(stored, [size, size], method="bilinear", antialias=True))
+    image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
     # Oriented after the resize: on the square image it is cheaper, and resizing commutes with transposes and mirrors.
     pixels = _orient(image, exif_orientation(data))
     ends_grey = _starts_with(data, b"\xff\xd8") & tf.reduce_all(tf.equal(stored[-1, -1], JPEG_FILL_GREY))
@@ -150,10 +154,10 @@ def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
     """One encoded image (a scalar string tensor) → [size, size, 3] float32 in [0, 1], upright, in graph ops.
 
     JPEG (and MPO's first picture), PNG, GIF (first frame), BMP (8-bit through its palette), still WebP; grey and
-    RGBA made RGB; a large JPEG decoded at the DCT scale that keeps its short side ≥ `size`; resized bilinear with
-    antialiasing; turned upright by the JPEG's Exif orientation, as PIL.ImageOps.exif_transpose does. The one
-    decoder of the project: the embed step, fine-tune training and the fine-tuned serving model all call it, so
-    serving sees the pixels training saw.
+    RGBA made RGB; a large JPEG decoded at the DCT scale that keeps its short side ≥ `size`; shrunk by area
+    averaging (enlarged bilinear); turned upright by the JPEG's Exif orientation, as PIL.ImageOps.exif_transpose
+    does. The one decoder of the project: the embed step, fine-tune training and the fine-tuned serving model all
+    call it, so serving sees the pixels training saw.
     """
     return _decode(data, size)[0]
 

@@ -1,0 +1,244 @@
+"""The launcher: which engine a local run uses, worker processes' share of the cores, the light `hubembed` CLI,
+a console without library chatter, and a fast exit that loses nothing."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+from beam_jobs import flags
+from beam_jobs.embed_corpus import EmbedCorpusOptions
+from beam_jobs.embed_corpus import main as embed_main
+from beam_jobs.embed_corpus import run as embed_run
+from beam_jobs.launch import IN_PROCESS_RUNNER, TF_THREAD_VARIABLES, InProcessRunner, pin_direct_runner
+from beam_jobs.predict import PredictOptions
+from beam_jobs.train_classifier import TrainClassifierOptions
+from encoders.runtime import native_start_up_lines_filtered
+from schemas import layout
+from tests import corpus_builders as corpora
+from tests.conftest import read_parquet_dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# absl's line format (severity letter, then the date) and the banner TensorFlow's libraries print while loading.
+NATIVE_LINE_MARKS = ("absl::InitializeLog", "cudart_stub", "oneDNN", "cuda_platform", "port.cc")
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> str:
+    return corpora.write_jsonl_manifest(str(tmp_path / "corpus"), corpora.good_rows(4))
+
+
+def embed_args(encoders: dict, input_path: str, output: str, *extra: str) -> list[str]:
+    return ["--input", input_path, "--output", output, "--image_encoder", encoders["image"],
+            "--text_encoder", encoders["text"], *extra]
+
+
+@pytest.mark.parametrize("runner", [[], ["--runner", "DirectRunner"]], ids=["no runner", "DirectRunner"])
+def test_a_local_run_is_in_process_and_never_reaches_for_prism(caplog, tmp_path, small_corpus, fixture_encoders,
+                                                               runner):
+    caplog.set_level(logging.DEBUG)
+    output = str(tmp_path / "out")
+    assert embed_main(embed_args(fixture_encoders, small_corpus, output, *runner)) == 0
+
+    assert os.path.exists(os.path.join(output, layout.SUCCESS_NAME))
+    messages = [f"{record.name}: {record.getMessage()}" for record in caplog.records]
+    assert not [message for message in messages if "prism" in message.lower()]
+    assert "hubembed: running on Beam's FnApiRunner in this process" in messages
+
+
+def test_the_pinned_runner_is_the_fn_api_runner(tmp_path):
+    pipeline = beam.Pipeline(options=pin_direct_runner(PipelineOptions([])))
+    counted = beam.metrics.Metrics.counter("test", "seen")
+
+    def count(value):
+        counted.inc()
+        return value
+
+    _ = pipeline | beam.Create(range(5)) | beam.Map(count)
+    result = pipeline.run()
+    result.wait_until_finish()
+
+    assert isinstance(pipeline.runner, InProcessRunner)
+    assert isinstance(result, fn_runner.RunnerResult)
+    assert [c.committed for c in result.metrics().query()["counters"] if c.key.metric.name == "seen"] == [5]
+
+
+@pytest.mark.parametrize("asked, runs_on", [
+    (None, IN_PROCESS_RUNNER), ("DirectRunner", IN_PROCESS_RUNNER), ("direct", IN_PROCESS_RUNNER),
+    ("PrismRunner", "PrismRunner"), ("PortableRunner", "PortableRunner"), ("DataflowRunner", "DataflowRunner"),
+    ("SwitchingDirectRunner", "SwitchingDirectRunner"),
+])
+def test_only_direct_runner_is_pinned(asked, runs_on):
+    options = PipelineOptions(["--runner", asked] if asked else [])
+    assert pin_direct_runner(options).view_as(StandardOptions).runner == runs_on
+
+
+def test_worker_processes_get_their_share_of_tensorflow_threads(tmp_path):
+    """What each SDK worker process of a multi_processing run sees in its environment, from inside it."""
+    before = {name: os.environ.get(name) for name in TF_THREAD_VARIABLES}
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    options = pin_direct_runner(PipelineOptions(["--direct_num_workers", "2",
+                                                 "--direct_running_mode", "multi_processing"]))
+    with beam.Pipeline(options=options) as pipeline:
+        _ = (pipeline
+             | beam.Create(range(8))
+             | beam.Reshuffle()
+             | beam.Map(lambda _: json.dumps([os.getpid(), *(os.environ.get(n) for n in TF_THREAD_VARIABLES)]))
+             | beam.io.WriteToText(str(tmp_path / "seen")))
+
+    seen = [json.loads(line) for path in glob.glob(str(tmp_path / "seen*")) for line in open(path)]
+    assert len(seen) == 8
+    assert os.getpid() not in {pid for pid, *_ in seen}  # the elements were processed in worker processes
+    expected = [before[name] or share for name in TF_THREAD_VARIABLES]
+    assert {tuple(values) for _, *values in seen} == {tuple(expected)}
+    assert {name: os.environ.get(name) for name in TF_THREAD_VARIABLES} == before  # the launcher's, as it was
+
+
+def test_a_multi_processing_run_reconciles_and_writes_what_one_process_writes(caplog, tmp_path, fixture_encoders):
+    """Counters come back from the worker processes: the report adds up, and matches the files written; the
+    console holds no notices of Beam's about starting its workers."""
+    manifest, expected = corpora.write_bad_manifest(str(tmp_path / "corpus"))
+    lenient = ("--max_error_rate", "1", "--max_image_pixels", "1000000")
+    caplog.set_level(logging.WARNING)
+    assert embed_main(embed_args(fixture_encoders, manifest, str(tmp_path / "workers"), *lenient,
+                                 "--direct_num_workers", "2", "--direct_running_mode", "multi_processing")) == 0
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("apache_beam")] == []
+    workers = json.load(open(tmp_path / "workers" / layout.REPORT_NAME))
+    alone = embed_run(embed_args(fixture_encoders, manifest, str(tmp_path / "alone"), *lenient))
+
+    reasons = collections.Counter(reason for reason in expected.values() if reason)
+    reasons["unreadable_row"] += 1  # the line that is not JSON
+    assert workers["reconciled"] and workers["passed"]
+    assert (workers["read"], workers["embedded"], workers["dead_lettered"]) == (20, 5, 15)
+    assert workers["dead_lettered_by_reason"] == dict(reasons)
+    embedded = read_parquet_dir(str(tmp_path / "workers"), "embeddings")
+    assert embedded.num_rows == workers["embedded"]
+    assert read_parquet_dir(str(tmp_path / "workers"), layout.DEAD_LETTERS_PREFIX).num_rows == 15
+
+    assert (alone.read, alone.embedded, alone.dead_lettered_by_reason) == (20, 5, dict(reasons))
+    by_id = {row["id"]: row["embedding"] for row in read_parquet_dir(str(tmp_path / "alone"), "embeddings").to_pylist()}
+    assert sorted(embedded.column("id").to_pylist()) == sorted(by_id)
+    for row in embedded.to_pylist():
+        np.testing.assert_allclose(row["embedding"], by_id[row["id"]], rtol=1e-6, atol=1e-7)
+
+
+def run_python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+
+
+def test_help_and_flag_types_are_answered_without_beam_or_tensorflow():
+    probe = run_python("""
+        import sys
+        from beam_jobs import cli
+        codes = []
+        for argv in (["--help"], ["embed", "--help"], ["train", "--help"], ["predict", "--help"],
+                     ["embed", "--batch_size", "many"], ["predict", "--top_k", "1.5"]):
+            try:
+                codes.append(cli.main(argv))
+            except SystemExit as exit:
+                codes.append(exit.code)
+        heavy = sorted({name.split(".")[0] for name in sys.modules} & {"apache_beam", "tensorflow", "tf_keras"})
+        print("RESULT", codes, heavy)
+    """)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip().splitlines()[-1] == "RESULT [0, 0, 0, 0, 2, 2] []"
+    for flag in ("--image_encoder", "--l2_normalize", "--features", "--fine_tune", "--top_k", "--direct_num_workers"):
+        assert flag in probe.stdout
+    assert "argument --batch_size: invalid int value: 'many'" in probe.stderr
+    assert "usage: hubembed predict" in probe.stderr
+
+
+@pytest.mark.parametrize("command, options_class", [
+    (flags.EMBED, EmbedCorpusOptions), (flags.TRAIN, TrainClassifierOptions), (flags.PREDICT, PredictOptions)])
+def test_the_light_parser_and_beams_options_read_flags_alike(command, options_class):
+    argv = ["--batch_size", "7", "--overwrite", "--input", "in/*.jsonl"]
+    light = vars(command.parser().parse_known_args(argv)[0])
+    beam_view = PipelineOptions(argv).view_as(options_class)
+    assert light["batch_size"] == 7
+    assert light == {name: getattr(beam_view, name) for name in light}
+
+
+def test_flag_defaults_repeated_from_heavy_modules_stay_equal():
+    from transforms import classify, prepare, read
+
+    assert flags.INPUT_FORMATS == read.INPUT_FORMATS
+    assert (flags.DEFAULT_MAX_IMAGE_PIXELS, flags.DEFAULT_MAX_IMAGE_BYTES, flags.DEFAULT_MAX_TEXT_CHARS) == (
+        prepare.DEFAULT_MAX_IMAGE_PIXELS, prepare.DEFAULT_MAX_IMAGE_BYTES, prepare.DEFAULT_MAX_TEXT_CHARS)
+    assert flags.CLASS_WEIGHT_MODES == classify.CLASS_WEIGHT_MODES
+
+
+NATIVE_LINES = (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+                b"I0000 00:00:1795320067.734409   12538 port.cc:153] oneDNN custom operations are on.\n"
+                b"W0000 00:00:1795320067.734409   12538 some.cc:1] a warning\n"
+                b"E0000 00:00:1795320067.734409   12538 cuda_platform.cc:52] failed call to cuInit\n"
+                b"a line of someone else\n")
+
+
+@pytest.mark.parametrize("level, kept", [
+    ("0", ("WARNING: All log", "I0000", "W0000", "E0000", "a line")),
+    ("2", ("E0000", "a line")),
+    ("3", ("a line",)),
+])
+def test_native_start_up_lines_follow_tf_cpp_min_log_level(capfd, monkeypatch, level, kept):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+    with native_start_up_lines_filtered():
+        os.write(2, NATIVE_LINES)  # as native code writes: to the file descriptor, under Python's sys.stderr
+    assert capfd.readouterr().err.splitlines() == [
+        line for line in NATIVE_LINES.decode().splitlines() if line.startswith(kept)]
+
+
+def test_the_console_script_runs_a_job_with_only_its_own_lines(tmp_path, small_corpus, fixture_encoders):
+    hubembed = os.path.join(os.path.dirname(sys.executable), "hubembed")
+    env = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    output = str(tmp_path / "out")
+    done = subprocess.run([hubembed, "embed", *embed_args(fixture_encoders, small_corpus, output)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+    assert done.returncode == 0, done.stderr
+    assert "embed_corpus: run report" in done.stdout  # flushed before the fast exit
+    report = json.load(open(os.path.join(output, layout.REPORT_NAME)))
+    assert (report["read"], report["embedded"]) == (4, 4)
+    assert os.path.exists(os.path.join(output, layout.SUCCESS_NAME))
+    chatter = [line for line in done.stderr.splitlines() if any(mark in line for mark in NATIVE_LINE_MARKS)]
+    assert chatter == []
+    assert all(" INFO hubembed: " in line or " INFO encoders." in line for line in done.stderr.splitlines())
+
+
+def test_exit_process_runs_exit_handlers_and_waits_for_live_threads(tmp_path):
+    done = run_python("""
+        import atexit, sys, threading, time
+        from beam_jobs.cli import exit_process
+        marker = sys.argv[1]
+        atexit.register(lambda: open(marker + ".atexit", "w").close())
+        def late_writer():
+            time.sleep(0.3)
+            open(marker + ".thread", "w").close()
+        threading.Thread(target=late_writer).start()
+        print("last words", end="")
+        exit_process(3)
+    """, str(tmp_path / "m"))
+    assert (done.returncode, done.stdout) == (3, "last words")
+    assert os.path.exists(tmp_path / "m.atexit") and os.path.exists(tmp_path / "m.thread")
+
+    fast = run_python("""
+        import atexit, sys
+        from beam_jobs.cli import exit_process
+        atexit.register(lambda: open(sys.argv[1], "w").close())
+        print("bye", end="")
+        exit_process(0)
+    """, str(tmp_path / "fast"))
+    assert (fast.returncode, fast.stdout) == (0, "bye")
+    assert os.path.exists(tmp_path / "fast")
