@@ -5,9 +5,8 @@ from `_add_argparse_args` (Beam's parser, shared by every options class imported
 and `hubembed <command>` calls it on a parser of its own, to print help and check flag types in a fraction of a
 second, before the job's module (Beam, TensorFlow: seconds of imports) is imported at all.
 
-A few defaults and choices belong to modules that import Beam or TensorFlow (the readers' formats, the size
-limits of prepare, the class-weight modes of the head): their values are repeated here, and
-tests/test_launcher.py checks that they stay equal.
+The defaults and choices the flags share with the steps that use them (the readers' formats, prepare's limits,
+the head's class-weight modes) live in schemas/, which imports neither.
 """
 
 from __future__ import annotations
@@ -18,14 +17,10 @@ from collections.abc import Callable
 
 from beam_jobs.options import add_flag
 from schemas.embeddings import VECTOR_CHOICES, VECTORS_CONCAT
-from schemas.training import FEATURES
+from schemas.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TEXT_CHARS, INPUT_FORMATS
+from schemas.training import CLASS_WEIGHT_MODES, FEATURES
 
 NO_ENCODER = "none"  # an encoder flag's value that leaves the modality out
-INPUT_FORMATS = ("jsonl", "csv", "parquet", "image_folder", "webdataset", "tfrecord")  # transforms.read
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # transforms.prepare
-DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024  # transforms.prepare
-DEFAULT_MAX_TEXT_CHARS = 1_000_000  # transforms.prepare
-CLASS_WEIGHT_MODES = ("none", "balanced")  # transforms.classify
 
 BEAM_EPILOG = ("Any other flag (--runner, --project, --region, ...) goes to Beam. Without --runner (or with "
                "DirectRunner) the job runs on this machine, on Beam's FnApiRunner; --direct_num_workers N "

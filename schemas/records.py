@@ -5,6 +5,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
+INPUT_FORMATS = (*MANIFEST_FORMATS, "image_folder", "webdataset", "tfrecord")  # what ReadCorpus reads
+# The limits PrepareRecords holds a record to (the flags' defaults):
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel RGB image decodes to 120 MB of uint8, 480 MB of float32
+# A 40-megapixel photo is 10-30 MB as JPEG and rarely over 64 MB as PNG; bytes are capped before pixels can be.
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+# A million characters is a book, not a caption: text encoders keep a few hundred tokens of it, and an encoder
+# whose work grows faster than the text must not see such a record.
+DEFAULT_MAX_TEXT_CHARS = 1_000_000
+
 
 @dataclasses.dataclass
 class Record:

@@ -16,6 +16,7 @@ import dataclasses
 
 MODES = ("frozen", "fine_tune")
 FEATURES = ("image", "text", "both")
+CLASS_WEIGHT_MODES = ("none", "balanced")
 MODEL_INFO_NAME = "model_info.json"  # in the serving model's assets.extra/
 SERVING_SIGNATURE = "serving_default"
 

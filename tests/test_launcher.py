@@ -171,15 +171,6 @@ def test_the_light_parser_and_beams_options_read_flags_alike(command, options_cl
     assert light == {name: getattr(beam_view, name) for name in light}
 
 
-def test_flag_defaults_repeated_from_heavy_modules_stay_equal():
-    from transforms import classify, prepare, read
-
-    assert flags.INPUT_FORMATS == read.INPUT_FORMATS
-    assert (flags.DEFAULT_MAX_IMAGE_PIXELS, flags.DEFAULT_MAX_IMAGE_BYTES, flags.DEFAULT_MAX_TEXT_CHARS) == (
-        prepare.DEFAULT_MAX_IMAGE_PIXELS, prepare.DEFAULT_MAX_IMAGE_BYTES, prepare.DEFAULT_MAX_TEXT_CHARS)
-    assert flags.CLASS_WEIGHT_MODES == classify.CLASS_WEIGHT_MODES
-
-
 NATIVE_LINES = (b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
                 b"I0000 00:00:1795320067.734409   12538 port.cc:153] oneDNN custom operations are on.\n"
                 b"W0000 00:00:1795320067.734409   12538 some.cc:1] a warning\n"

@@ -15,8 +15,6 @@ import numpy as np
 from encoders.runtime import tf, tf_keras
 from schemas.training import ClassMetrics, SplitMetrics
 
-CLASS_WEIGHT_MODES = ("none", "balanced")
-
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:

@@ -59,6 +59,7 @@ class Encoders:
 
     def __init__(self, config: EmbedConfig):
         device = configure_devices(config.device)
+        self.on_gpu = device.startswith("/GPU")
         self.image = LoadedEncoder(config.image, device) if config.image else None
         self.text = LoadedEncoder(config.text, device) if config.text else None
         self.image_decoder = ImageDecoder(config.image.image_size) if config.image else None
@@ -114,8 +115,12 @@ class EmbedBatch(beam.DoFn):
         config = self._config
         self._failure_run = FailureRun()
         self._encoders = self._model_cache.acquire(lambda: Encoders(config), tag=config.cache_tag)
-        self._decoding = ThreadPoolExecutor(1, thread_name_prefix="hubembed-decode")
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="hubembed-embed")
+        # On a GPU, the next batch is decoded on the CPU while the card runs the model. On a CPU the two would
+        # share the same cores, each slowing the other's threads: the model thread then decodes each batch itself,
+        # on all the cores, right before the encoders run on it, also on all the cores.
+        self._decoding = (ThreadPoolExecutor(1, thread_name_prefix="hubembed-decode") if self._encoders.on_gpu
+                          else self._embedding)
 
     def start_bundle(self):
         self._in_flight = collections.deque()  # a retried bundle starts with nothing of the failed attempt
@@ -131,9 +136,8 @@ class EmbedBatch(beam.DoFn):
             yield from self._emit(self._in_flight.popleft().result(), GlobalWindows.windowed_value_at_end_of_window)
 
     def teardown(self):
-        for pool in (self._decoding, self._embedding):
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        for pool in {self._decoding, self._embedding} - {None}:
+            pool.shutdown(cancel_futures=True)
 
     def _emit(self, done: EmbeddedBatch, wrap=lambda value: value) -> Iterator:
         embedded = sum(table.num_rows for table in done.tables)
@@ -143,24 +147,20 @@ class EmbedBatch(beam.DoFn):
         for letter in done.dead_letters:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, wrap(letter))
 
-    def _decode_images(self, records: Sequence[Record]) -> tuple[list[Record], list[np.ndarray | None],
-                                                                 list[DeadLetter]]:
-        """The decode thread: the batch's images decoded together (ImageDecoder.decode_batch), the undecodable
-        ones dead-lettered alone."""
-        with_image = [index for index, record in enumerate(records) if record.image_bytes is not None]
-        pixels: list[np.ndarray | None] = [None] * len(records)
-        errors: dict[int, Exception] = {}
-        if with_image:
-            decoded, failures = self._encoders.image_decoder.decode_batch([records[i].image_bytes for i in with_image])
-            for index, one, error in zip(with_image, decoded, failures, strict=True):
-                pixels[index] = one
-                if error is not None:
-                    errors[index] = error
-        kept = [(record, pixel) for index, (record, pixel) in enumerate(zip(records, pixels, strict=True))
-                if index not in errors]
-        dead = [dead_letter(records[index], Stage.EMBED, Reason.IMAGE_CORRUPT, error)
-                for index, error in errors.items()]
-        return [record for record, _ in kept], [pixel for _, pixel in kept], dead
+    def _decode_images(self, records: Sequence[Record]) -> tuple[list[Record], np.ndarray | None, list[DeadLetter]]:
+        """The batch's images decoded together (ImageDecoder.decode_batch): (the records kept, the pixels of those
+        with an image, in their order, as one array, the dead letters of the images that would not decode)."""
+        with_image = [record for record in records if record.image_bytes is not None]
+        if not with_image:
+            return list(records), None, []
+        pixels, errors = self._encoders.image_decoder.decode_batch([record.image_bytes for record in with_image])
+        failed = {id(record): error for record, error in zip(with_image, errors, strict=True) if error is not None}
+        if not failed:
+            return list(records), pixels, []
+        kept_rows = [row for row, error in enumerate(errors) if error is None]
+        dead = [dead_letter(record, Stage.EMBED, Reason.IMAGE_CORRUPT, failed[id(record)]) for record in with_image
+                if id(record) in failed]
+        return [record for record in records if id(record) not in failed], pixels[kept_rows], dead
 
     def _embed_decoded(self, decoded: Future) -> EmbeddedBatch:
         """The model thread: one decoded batch through the encoders (batch_or_one_by_one: a record that fails alone
@@ -168,7 +168,12 @@ class EmbedBatch(beam.DoFn):
         records, pixels, dead = decoded.result()
         tables: list[pa.Table] = []
         if records:
-            outputs, failures = batch_or_one_by_one(list(zip(records, pixels, strict=True)), self._embed,
+            # Each record with its row in `pixels` (None without an image): the batch, or one record, is then
+            # embedded from those rows; the whole batch's rows are the array itself, never a copy of it.
+            rows = np.cumsum([record.image_bytes is not None for record in records]) - 1
+            items = [(record, int(row) if record.image_bytes is not None else None)
+                     for record, row in zip(records, rows, strict=True)]
+            outputs, failures = batch_or_one_by_one(items, lambda chosen: self._embed(chosen, pixels),
                                                     self._failure_run)
             dead += [dead_letter(record, Stage.EMBED, Reason.ENCODER_FAILED, error) for (record, _), error in failures]
             # Beam's Parquet sink writes pyarrow Tables (ParquetWriter.write_table); wrapping a batch copies nothing.
@@ -179,18 +184,18 @@ class EmbedBatch(beam.DoFn):
         vectors = encoder(inputs)
         return l2_normalize(vectors) if self._config.l2_normalize else vectors
 
-    def _embed(self, items: Sequence[tuple[Record, np.ndarray | None]]) -> pa.RecordBatch:
-        """(record, decoded pixels or None) pairs → one RecordBatch; each model runs once on the batch."""
+    def _embed(self, items: Sequence[tuple[Record, int | None]], pixels: np.ndarray | None) -> pa.RecordBatch:
+        """(record, its row in `pixels` or None) pairs → one RecordBatch; each model runs once on the batch."""
         records = [record for record, _ in items]
-        pixels = [pixel for _, pixel in items]
+        rows = [row for _, row in items if row is not None]
         size = len(records)
         image_vectors = text_vectors = None
-        has_image = np.array([p is not None for p in pixels], bool)
+        has_image = np.array([row is not None for _, row in items], bool)
         has_text = np.array([record.text is not None for record in records], bool)
         if self._encoders.image is not None:
             image_vectors = np.zeros((size, self._config.image.dim), np.float32)
-            if has_image.any():
-                batch = np.stack([p for p in pixels if p is not None])
+            if rows:
+                batch = pixels if rows == list(range(len(pixels))) else pixels[rows]
                 image_vectors[has_image] = self._encode(self._encoders.image, batch)
         if self._encoders.text is not None:
             text_vectors = np.zeros((size, self._config.text.dim), np.float32)

@@ -218,20 +218,18 @@ class ImageDecoder:
         """Images decoded side by side on the process's cores: [n, size, size, 3] float32, and for each image None
         or the ImageDecodeError it gives (its pixels are then zeros). One graph call decodes the batch; when an
         image breaks it (rare: prepare refused what the header shows), each is decoded alone, to tell which."""
-        pixels = np.zeros((len(images), self._size, self._size, 3), np.float32)
         errors: list[ImageDecodeError | None] = [None] * len(images)
-        if not images:
-            return pixels, errors
         try:
             decoded, ends_grey = self._decode_many(tf.constant(list(images), tf.string))
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            pixels = np.zeros((len(images), self._size, self._size, 3), np.float32)
             for index, data in enumerate(images):
                 try:
                     pixels[index] = self(data)
                 except ImageDecodeError as error:
                     errors[index] = error
             return pixels, errors
-        pixels[:] = decoded.numpy()
+        pixels = decoded.numpy()
         for index in np.flatnonzero(ends_grey.numpy()):
             if self._ends_early(images[index]):
                 errors[index] = ImageDecodeError(ENDS_EARLY)

@@ -18,7 +18,15 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, UnidentifiedImageError
 
-from schemas.records import DeadLetter, Reason, Record, Stage
+from schemas.records import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_TEXT_CHARS,
+    DeadLetter,
+    Reason,
+    Record,
+    Stage,
+)
 from transforms.dead_letters import dead_letter, printable, route
 from transforms.files import special_kind
 
@@ -27,15 +35,9 @@ from transforms.files import special_kind
 TF_DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP"})
 # Leading bytes of the formats above: a file that starts like an image but will not open is corrupt, not a non-image.
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel RGB image decodes to 120 MB of uint8, 480 MB of float32
-# A 40-megapixel photo is 10-30 MB as JPEG and rarely over 64 MB as PNG; bytes are capped before pixels can be.
-DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 # A file up to this size is read at once; a larger one is judged by this head before the rest is read (PNG, GIF,
 # BMP and WebP headers are in their first bytes, a JPEG's frame header after APP segments of at most 64 KiB each).
 IMAGE_HEAD_BYTES = 1024 * 1024
-# A million characters is a book, not a caption: text encoders keep a few hundred tokens of it, and an encoder
-# whose work grows faster than the text must not see such a record.
-DEFAULT_MAX_TEXT_CHARS = 1_000_000
 
 
 def _not_utf8(value: str | None) -> str | None:

@@ -69,12 +69,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from schemas.records import DeadLetter, Reason, Record, Stage
+from schemas.records import INPUT_FORMATS, MANIFEST_FORMATS, DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import dead_letter, printable, route
 from transforms.files import special_kind
 
-MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
-INPUT_FORMATS = (*MANIFEST_FORMATS, "image_folder", "webdataset", "tfrecord")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp")
 MANIFEST_COLUMNS = ("id", "image", "image_bytes", "text", "label")
 _SUFFIX_FORMATS = {
