@@ -57,7 +57,7 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from benchmarks.photo_corpus import caption, photo_jpeg, source_photos, write_photo_corpus  # noqa: E402
 from encoders import pretrained  # noqa: E402
-from encoders.hub_module import EncoderSpec, LoadedEncoder, probe_encoder  # noqa: E402
+from encoders.hub_module import EncoderSpec, LoadedEncoder, probe_encoder, save_reusable_module  # noqa: E402
 from encoders.runtime import tf  # noqa: E402
 from schemas import layout  # noqa: E402
 
@@ -124,17 +124,6 @@ class FreeTextEncoder(tf.Module):
             return tf.cast(tf.strings.length(texts), tf.float32)[:, None] * self.scale
 
         self.__call__ = call
-
-
-def save_hub_module(module: tf.Module, path: str) -> str:
-    """A TF2 SavedModel in the Reusable SavedModel layout hub.KerasLayer loads (as tests/fixture_models.py saves)."""
-    root = tf.train.Checkpoint()
-    root.__call__ = module.__call__
-    root.variables = list(module.variables)
-    root.trainable_variables = list(module.trainable_variables)
-    root.regularization_losses = []
-    tf.saved_model.save(root, path)
-    return path
 
 
 # --- corpora --------------------------------------------------------------------------------------------------------
@@ -429,9 +418,9 @@ class Bench:
     def model_dir(self, name: str) -> str:
         if name not in self._models:
             if name == "free-image":
-                path = save_hub_module(FreeImageEncoder(FREE_IMAGE_DIM), os.path.join(self.work, "models", name))
+                path = save_reusable_module(FreeImageEncoder(FREE_IMAGE_DIM), os.path.join(self.work, "models", name))
             elif name == "free-text":
-                path = save_hub_module(FreeTextEncoder(FREE_TEXT_DIM), os.path.join(self.work, "models", name))
+                path = save_reusable_module(FreeTextEncoder(FREE_TEXT_DIM), os.path.join(self.work, "models", name))
             else:
                 path = pretrained.ensure_baked(name)
             self._models[name] = path

@@ -125,6 +125,23 @@ def encoder_fingerprint(handle: str) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def save_reusable_module(module: tf.Module, path: str) -> str:
+    """`module` (its `__call__` a tf.function) saved at `path` as a Reusable SavedModel, what hub.KerasLayer loads.
+
+    The API wants `variables`, `trainable_variables` and `regularization_losses` as attributes of the root;
+    tf.Module's are read-only properties that are not saved, so the export goes through a plain trackable root that
+    carries them (and the module, to track its lookup tables). Returns `path`.
+    """
+    root = tf.train.Checkpoint()
+    root.module = module
+    root.__call__ = module.__call__
+    root.variables = list(module.variables)
+    root.trainable_variables = list(module.trainable_variables)
+    root.regularization_losses = []
+    tf.saved_model.save(root, path)
+    return path
+
+
 def keras_layer(spec: EncoderSpec, trainable: bool = False, name: str | None = None) -> hub.KerasLayer:
     """The module as a Keras layer, called the way the spec says (signature, output key); trainable to fine-tune."""
     kwargs = {"trainable": trainable}

@@ -225,7 +225,7 @@ def read_source_files(source: SourceArchive, archive_path: str) -> dict[str, byt
 def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
     """Convert the source files into a Reusable SavedModel in `destination` (an existing empty folder)."""
     # TensorFlow is imported only when a bake actually happens: looking up a cached model path stays cheap.
-    from encoders.runtime import tf
+    from encoders.hub_module import save_reusable_module
 
     if name == MINILM:
         from encoders import minilm
@@ -240,16 +240,7 @@ def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
         width = mobilenet.FEATURE_DIM if head == "features" else mobilenet.NUM_CLASSES
         details = {"input": "[B, 224, 224, 3] float32 RGB in [0, 1]", "output": f"[B, {width}] float32"}
 
-    # The Reusable SavedModel API (what hub.KerasLayer reads) wants `variables`, `trainable_variables` and
-    # `regularization_losses` as attributes of the root; tf.Module's are read-only properties that are not saved,
-    # so export through a plain trackable root that carries them (and the module, to track its lookup tables).
-    root = tf.train.Checkpoint()
-    root.module = module
-    root.__call__ = module.__call__
-    root.variables = list(module.variables)
-    root.trainable_variables = list(module.trainable_variables)
-    root.regularization_losses = []
-    tf.saved_model.save(root, destination)
+    save_reusable_module(module, destination)
     source = SOURCES[name]
     provenance = {"name": name, "bake_revision": BAKE_REVISIONS[name], "source": source.requirement,
                   "source_sha256": source.sha256, **details}

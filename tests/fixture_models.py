@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from encoders.hub_module import save_reusable_module
 from encoders.runtime import tf
 
 IMAGE_DIM = 8
@@ -92,16 +93,7 @@ class BadRankEncoder(tf.Module):
         self.__call__ = call
 
 
-def save(module: tf.Module, path: str) -> str:
-    # tf.Module's `variables` are read-only properties that are not saved; the Reusable SavedModel API wants them
-    # as attributes of the root object, so export through a plain trackable root that carries them.
-    root = tf.train.Checkpoint()
-    root.__call__ = module.__call__
-    root.variables = list(module.variables)
-    root.trainable_variables = list(module.trainable_variables)
-    root.regularization_losses = []
-    tf.saved_model.save(root, path)
-    return path
+save = save_reusable_module
 
 
 def build_image_encoder(path: str, size: int | None = 32, differentiable: bool = False) -> str:
