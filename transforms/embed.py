@@ -3,8 +3,8 @@
 Shaped like Beam's ModelHandler: `load_encoders` is the load_model half (run once per worker process through
 `shared.Shared`, so every DoFn thread of the process uses one copy), `EmbedBatch.process` the run_inference half.
 One DoFn holds both encoders and embeds both columns of the same batch, so no shuffle joins the modalities.
-Images are decoded and resized in TensorFlow, a batch at a time on all the process's cores, while the encoders run on
-the batch before (EmbedBatch); vectors go from the model's NumPy arrays to Arrow without Python floats in between.
+Images are decoded and resized in TensorFlow, a batch at a time on all the process's cores, off the runner's thread
+(EmbedBatch); vectors go from the model's NumPy arrays to Arrow without Python floats in between.
 """
 
 from __future__ import annotations
@@ -89,11 +89,13 @@ class EmbeddedBatch:
 
 
 class EmbedBatch(beam.DoFn):
-    """Batches of prepared records → Tables of the embedded ones, and dead letters for the rest, in three stages
-    that overlap: while the model thread runs the encoders on one batch, the decode thread decodes the next one's
-    images on the process's cores, and the runner's thread goes on reading and preparing the batches after. At most
-    IN_FLIGHT_BATCHES are between the stages; a batch's outputs leave in a later `process` call or at the end of the
-    bundle, which is why the DoFn runs in the global window only (batch pipelines' window).
+    """Batches of prepared records → Tables of the embedded ones, and dead letters for the rest, in stages that
+    overlap: the runner's thread hands a batch over and goes on reading and preparing the next ones, while the
+    model thread runs the encoders on it. The batch's images are decoded side by side on all the process's cores
+    first: on a GPU by a decode thread of their own, overlapping the model's previous batch; on a CPU by the model
+    thread itself (see `setup`). At most IN_FLIGHT_BATCHES are handed over and not yet emitted; a batch's outputs
+    leave in a later `process` call or at the end of the bundle, which is why the DoFn runs in the global window
+    only (batch pipelines' window).
 
     Counters and progress are counted in the runner's thread: Beam's metrics belong to the thread of the bundle.
     """

@@ -20,6 +20,7 @@ EXIF_ORIENTATION_TAG = 0x0112
 # libjpeg decodes a JPEG at 1/2, 1/4 or 1/8 of its size from fewer DCT coefficients, at a fraction of the cost of a
 # full decode: a 640x480 photo fed to a 224 encoder needs only its 320x240 version, a 2048x1536 one its 512x384.
 JPEG_SCALES = (1, 2, 4, 8)
+PARALLEL_DECODES = 8  # images of a batch decoded at once: enough to keep a worker's cores busy, few held in memory
 JPEG_FILL_GREY = 128  # all-zero coefficients: what libjpeg decodes where a JPEG's data ended early
 # Bytes fed to a suspect JPEG before its end marker (see ImageDecoder): the leading 0 makes a dangling 0xFF a stuffed
 # byte, and no 0xFF follows, so they hold no marker.
@@ -123,8 +124,8 @@ def jpeg_scale(data: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def _decode_rgb_for(data: tf.Tensor, size: int) -> tf.Tensor:
-    """Encoded bytes → [H, W, 3] uint8, a JPEG decoded at the smallest DCT scale whose short side stays ≥ `size`
-    (the resize that follows only ever shrinks it less), anything else at full resolution."""
+    """Encoded bytes → [H, W, 3] uint8: a JPEG decoded at the DCT scale whose short side stays ≥ `size` (the
+    smallest such), anything else at full resolution."""
     return tf.cond(_starts_with(data, b"\xff\xd8"),
                    lambda: tf.switch_case(jpeg_scale(data, size), [
                        lambda scale=scale: tf.io.decode_jpeg(data, channels=3, ratio=scale)
@@ -203,14 +204,14 @@ class ImageDecoder:
     same, one whose data ended early decodes them into its missing blocks, which change.
     """
 
-    def __init__(self, size: int, parallel: int | None = None):
+    def __init__(self, size: int):
         spec = [tf.TensorSpec([], tf.string)]
         self._size = size
         self._decode = tf.function(lambda data: _decode(data, size), input_signature=spec)
         self._decode_stored = tf.function(_decode_rgb, input_signature=spec)
-        # A batch decoded as one graph: map_fn runs `parallel` images at once on TensorFlow's inter-op threads.
+        # A batch decoded as one graph: map_fn runs PARALLEL_DECODES images at once on TensorFlow's inter-op threads.
         self._decode_many = tf.function(
-            lambda data: tf.map_fn(lambda one: _decode(one, size), data, parallel_iterations=parallel or 8,
+            lambda data: tf.map_fn(lambda one: _decode(one, size), data, parallel_iterations=PARALLEL_DECODES,
                                    fn_output_signature=(tf.float32, tf.bool)),
             input_signature=[tf.TensorSpec([None], tf.string)])
 
