@@ -134,6 +134,9 @@ def preference_order(files: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return sorted(set(files), key=lambda file: (file[1] == ORIGIN_CHECKPOINT, file[0]))
 
 
+_REF_COLUMNS = (cols.ID, cols.IMAGE_SHA256, cols.TEXT_SHA256)
+
+
 def read_stored_refs(rank: int, path: str) -> Iterator[tuple[str, StoredRef]]:
     """(id, StoredRef) for every row of one output file, read a row group at a time, vectors left unread."""
     with FileSystems.open(path) as handle:
@@ -146,9 +149,6 @@ def read_stored_refs(rank: int, path: str) -> Iterator[tuple[str, StoredRef]]:
                            for name in (cols.IMAGE_SHA256, cols.TEXT_SHA256))
             for row, row_id in enumerate(ids):
                 yield row_id, StoredRef(image[row], text[row], rank, row_group, row)
-
-
-_REF_COLUMNS = (cols.ID, cols.IMAGE_SHA256, cols.TEXT_SHA256)
 
 
 class ReadStoredRefs(beam.PTransform):
@@ -164,20 +164,19 @@ class ReadStoredRefs(beam.PTransform):
                 | "Refs" >> beam.FlatMapTuple(read_stored_refs))
 
 
-def choose_stored(group: tuple[str, dict[str, Iterable]]) -> Iterator:
+def choose_stored(group: tuple[str, dict[str, Iterable]]) -> list:
     """One id's record (if the input still has it) and its stored rows → the record to embed, or the record keyed
     by the stored row group to copy its vectors from (tagged REUSED_TAG)."""
     _, grouped = group
     records = list(grouped["record"])
     if not records:
-        return  # gone from the input: gone from the output
+        return []  # gone from the input: gone from the output
     record = records[0]
     candidates = [ref for ref in grouped["stored"] if ref.matches(record)]
     if not candidates:
-        yield record
-        return
+        return [record]
     best = max(candidates, key=lambda ref: ref.rank)
-    yield beam.pvalue.TaggedOutput(REUSED_TAG, ((best.rank, best.row_group), (record, best.row)))
+    return [beam.pvalue.TaggedOutput(REUSED_TAG, ((best.rank, best.row_group), (record, best.row)))]
 
 
 def without_refetchable_bytes(record: Record) -> Record:
