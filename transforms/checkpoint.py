@@ -32,8 +32,12 @@ class CheckpointBatches(beam.DoFn):
         self._folder = folder
 
     def setup(self):
-        if not FileSystems.exists(self._folder):
+        # Several workers start at once: one's mkdirs may lose the race to another's, and that is fine.
+        try:
             FileSystems.mkdirs(self._folder)
+        except OSError:
+            if not FileSystems.exists(self._folder):
+                raise
 
     def process(self, table: pa.Table) -> Iterator[pa.Table]:
         if table.num_rows:
