@@ -2,10 +2,10 @@
 
     python -m beam_jobs.embed_corpus --input corpus/manifest.jsonl --output out/embeddings/ [--runner ...]
 
-read → prepare → reuse (vectors of unchanged records copied from --reuse outputs and a killed run's checkpoints)
-→ embed (both modalities, concatenated) → write, plus the dead letters and the run report; the run is published
-atomically (beam_jobs.output_folder). Everything a user can get wrong is checked before the pipeline starts
-(`plan_job`), and fails in one line.
+read → prepare (unchanged records matched to their rows in --reuse outputs and a killed run's checkpoints, whose
+vectors are copied) → embed the rest (both modalities, concatenated) → write, plus the dead letters and the run
+report; the run is published atomically (beam_jobs.output_folder). Everything a user can get wrong is checked
+before the pipeline starts (`plan_job`), and fails in one line.
 """
 
 from __future__ import annotations
@@ -35,7 +35,16 @@ from transforms.embed import EmbedConfig, EmbedRecords
 from transforms.prepare import PrepareRecords
 from transforms.read import CorpusConfigError, ReadCorpus, infer_format, match_patterns
 from transforms.report import ProgressLog
-from transforms.reuse import ReuseConfigError, ReuseStoredVectors, find_reusable_files, reuse_key, usable_checkpoints
+from transforms.reuse import (
+    ORIGIN_CHECKPOINT,
+    CopyStoredVectors,
+    ReuseConfigError,
+    StoredFile,
+    find_reusable_files,
+    preference_order,
+    reuse_key,
+    usable_checkpoints,
+)
 from transforms.write import WriteDeadLetters, WriteEmbeddings
 
 JOB_NAME = "embed_corpus"
@@ -63,7 +72,7 @@ class JobPlan:
     schema_metadata: dict[str, str]
     embed_config: EmbedConfig
     folder: output_folder.RunFolder
-    stored_files: list[tuple[str, str]]  # (path, origin) of the outputs and checkpoints vectors may be copied from
+    stored_files: list[StoredFile]  # the outputs and checkpoints vectors may be copied from, in preference order
 
 
 def _package_version() -> str:
@@ -156,6 +165,7 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
         metadata[cols.META_TEXT_ENCODER] = text.to_json()
     dtype = "float16" if job.float16 else "float32"
     metadata[cols.META_STORAGE] = json.dumps({"vectors": job.vectors, "dtype": dtype}, sort_keys=True)
+    metadata[cols.META_MAX_IMAGE_PIXELS] = str(job.max_image_pixels)
     metadata[cols.META_REUSE_KEY] = reuse_key(metadata)
     try:
         stored = find_reusable_files(job.reuse, metadata[cols.META_REUSE_KEY])
@@ -167,22 +177,21 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
     folder = output_folder.claim(job.output, layout.EMBEDDINGS_PREFIX, JOB_NAME, job.overwrite)
     # A killed run's finished batches: taken back like --reuse outputs, so the rerun embeds only what was in flight.
     stored += usable_checkpoints(checkpoint_files(folder.checkpoints), metadata[cols.META_REUSE_KEY])
-    return JobPlan(input_format, image, text, passthrough, metadata, config, folder, stored)
+    return JobPlan(input_format, image, text, passthrough, metadata, config, folder, preference_order(stored))
 
 
 def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPlan) -> None:
-    """read → prepare → reuse what is stored → embed the rest (checkpointed) → write, all under the run's staging
-    folder; the dead letters of every step merged into one sink."""
+    """read → prepare (unchanged records matched to stored rows) → embed the rest (checkpointed) → write, and the
+    matched records' stored vectors copied → write, all under the run's staging folder; the dead letters of every
+    step merged into one sink."""
     progress = ProgressLog(job.progress_interval)
     tfrecord_keys = {"id": job.tfrecord_id_key, "image": job.tfrecord_image_key, "text": job.tfrecord_text_key,
                      "label": job.tfrecord_label_key}
     records, unreadable = pipeline | "ReadCorpus" >> ReadCorpus(job.input, plan.input_format, plan.passthrough,
                                                                 tfrecord_keys)
-    prepared, unprepared = records | "PrepareRecords" >> PrepareRecords(
+    to_embed, reused, unprepared = records | "PrepareRecords" >> PrepareRecords(
         use_image=plan.image is not None, use_text=plan.text is not None, max_image_pixels=job.max_image_pixels,
-        max_text_chars=job.max_text_chars, max_image_bytes=job.max_image_bytes)
-    to_embed, reused, unrefetched = prepared | "ReuseStoredVectors" >> ReuseStoredVectors(
-        plan.stored_files, plan.embed_config.schema, plan.passthrough, job.max_image_pixels, job.max_image_bytes)
+        max_text_chars=job.max_text_chars, max_image_bytes=job.max_image_bytes, stored_files=plan.stored_files)
     embeddings, unembedded = to_embed | "EmbedRecords" >> EmbedRecords(
         plan.embed_config, progress, min_batch_size=job.min_batch_size, max_batch_size=job.batch_size)
     if not job.no_checkpoint:
@@ -193,9 +202,11 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
     embeddings | "WriteEmbeddings" >> WriteEmbeddings(staged[layout.EMBEDDINGS_PREFIX], plan.embed_config.schema,
                                                       job.num_shards)
     if plan.stored_files:
-        reused | "WriteReused" >> WriteEmbeddings(staged[layout.EMBEDDINGS_PREFIX] + layout.REUSED_INFIX,
-                                                  plan.embed_config.schema, job.num_shards)
-    ((unreadable, unprepared, unrefetched, unembedded)
+        (reused
+         | "CopyStoredVectors" >> CopyStoredVectors(plan.stored_files, plan.embed_config.schema, plan.passthrough)
+         | "WriteReused" >> WriteEmbeddings(staged[layout.EMBEDDINGS_PREFIX] + layout.REUSED_INFIX,
+                                            plan.embed_config.schema, job.num_shards))
+    ((unreadable, unprepared, unembedded)
      | "AllDeadLetters" >> beam.Flatten()
      | "WriteDeadLetters" >> WriteDeadLetters(staged["dead_letters"], progress))
 
@@ -211,7 +222,7 @@ def run(argv: list[str] | None = None) -> EmbedRunReport:
                      f", {spec.image_size}x{spec.image_size} input" if spec.image_size else "")
     if plan.stored_files:
         log.info("reusing vectors from %d files (%d checkpoint files of a killed run)", len(plan.stored_files),
-                 sum(origin == "checkpoint" for _, origin in plan.stored_files))
+                 sum(file.origin == ORIGIN_CHECKPOINT for file in plan.stored_files))
     return output_folder.run_and_publish(options, lambda pipeline: build_pipeline(pipeline, job, plan),
                                          EmbedRunReport, JOB_NAME, job.max_error_rate, plan.folder,
                                          plan.schema_metadata)

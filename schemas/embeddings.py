@@ -45,6 +45,9 @@ META_EMBEDDING_LAYOUT = META_PREFIX + "embedding_layout"  # JSON: [[column, offs
 META_STORAGE = META_PREFIX + "storage"  # JSON: {"vectors": concat|modalities|both, "dtype": float32|float16}
 # hex SHA-256 of the encoders' content identity, preprocessing, L2 and storage: equal digests, reusable vectors
 META_REUSE_KEY = META_PREFIX + "reuse_key"
+# The --max_image_pixels the run's images were judged by: a run reusing the rows with a lower limit checks the
+# reused images' headers again (transforms.match_ids)
+META_MAX_IMAGE_PIXELS = META_PREFIX + "max_image_pixels"
 
 
 VECTOR_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}

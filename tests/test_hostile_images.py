@@ -28,6 +28,7 @@ from tests import corpus_builders as corpora
 from tests.conftest import read_parquet_dir
 from tests.test_embed_config import fails_in_one_line
 from transforms import fine_tune
+from transforms.image_check import IMAGE_HEAD_BYTES, check_image, fetch_and_check_image
 from transforms.image_decode import (
     ImageDecodeError,
     ImageDecoder,
@@ -35,7 +36,6 @@ from transforms.image_decode import (
     exif_orientation,
     make_image_decoder,
 )
-from transforms.prepare import IMAGE_HEAD_BYTES, check_image, fetch_and_check_image
 
 SIZE = 64  # decoder output size for the pixel comparisons
 # How each Exif orientation's file stores an upright picture: PIL.ImageOps.exif_transpose undoes it.

@@ -112,6 +112,30 @@ def test_reuse_embeds_only_what_changed_and_equals_a_full_run(fixture_encoders, 
     assert_same_vectors(rows_by_id(str(root / "dt=2")), left)
 
 
+def dead_letter_reasons(folder: str) -> list[tuple[str, str, str]]:
+    dead = pd.read_parquet(os.path.join(folder, layout.DEAD_LETTERS_DIR))
+    return sorted(zip(dead["source"], dead["id"].fillna(""), dead["reason"], strict=True))
+
+
+def test_reuse_on_hostile_input_dead_letters_what_a_full_run_does(fixture_encoders, tmp_path):
+    """Every bad case, reused: the same rows and the same dead letters as a full run, whatever reuse skipped (the
+    header check of unchanged images, a second read); a stricter --max_image_pixels tonight refuses a reused
+    image that an earlier night embedded under a looser one."""
+    manifest, _ = corpora.write_bad_manifest(str(tmp_path / "corpus"))
+    root = tmp_path / "root"
+    argv = ["--input", manifest, "--max_error_rate", "1", *encoders_argv(fixture_encoders)]
+    assert main([*argv, "--output", str(root / "dt=1"), "--max_image_pixels", "2000000"]) == 0
+    assert "huge" in rows_by_id(str(root / "dt=1")).index  # 1200x1000 pixels
+    for limit, night in (("2000000", "dt=2"), ("1000000", "dt=3")):
+        reused = run([*argv, "--output", str(root / night), "--max_image_pixels", limit, "--reuse", str(root / "dt=1")])
+        full = run([*argv, "--output", str(tmp_path / f"full-{limit}"), "--max_image_pixels", limit])
+        assert reused.reused == full.embedded > 0 and reused.embedded_fresh == 0
+        assert_same_vectors(rows_by_id(str(root / night)), rows_by_id(str(tmp_path / f"full-{limit}")))
+        assert dead_letter_reasons(str(root / night)) == dead_letter_reasons(str(tmp_path / f"full-{limit}"))
+        refused = {(row_id, reason) for _, row_id, reason in dead_letter_reasons(str(root / night))}
+        assert (("huge", "image_too_large") in refused) == (limit == "1000000")
+
+
 def test_reuse_refuses_other_encoders_and_skips_unpublished_outputs(fixture_encoders, tmp_path, capsys):
     night1, night2, _ = nightly_corpora(tmp_path)
     root = tmp_path / "root"

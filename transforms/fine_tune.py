@@ -71,7 +71,7 @@ def build_records_pipeline(pipeline: beam.Pipeline, path: str, input_format: str
     """read → prepare → image decode check → records Parquet (id, label, image bytes, text); dead letters as the
     embedding job's."""
     records, unreadable = pipeline | "ReadCorpus" >> ReadCorpus(path, input_format)
-    prepared, unprepared = records | "PrepareRecords" >> PrepareRecords(
+    prepared, _, unprepared = records | "PrepareRecords" >> PrepareRecords(
         use_image=use_image, use_text=use_text, max_image_pixels=max_image_pixels)
     undecodable = []
     if use_image:

@@ -69,7 +69,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from schemas.records import INPUT_FORMATS, MANIFEST_FORMATS, DeadLetter, Reason, Record, Stage
+from schemas.records import INPUT_FORMATS, DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import dead_letter, printable, route
 from transforms.files import special_kind
 
@@ -822,9 +822,6 @@ class ReadCorpus(beam.PTransform):
         readers = {"jsonl": (read_jsonl,), "csv": (read_csv,), "parquet": (read_parquet,),
                    "webdataset": (read_webdataset,), "tfrecord": (read_tfrecord, self._tfrecord_keys)}
         readables = files | "Open" >> fileio.ReadMatches()
-        records, dead = route("ToRecords", readables, read_file, *readers[self._format], self._passthrough,
-                              count_read=True)
-        if self._format in MANIFEST_FORMATS:
-            # One manifest file is read by one worker; spread its rows before the expensive steps.
-            records = records | "FanOut" >> beam.Reshuffle()
-        return records, dead
+        # One manifest file is read by one worker: PrepareRecords' shuffle by id, right after a cheap validation,
+        # spreads its rows over the workers before the expensive steps (no fan-out of its own here).
+        return route("ToRecords", readables, read_file, *readers[self._format], self._passthrough, count_read=True)

@@ -1,0 +1,123 @@
+"""MatchIds: the one shuffle by id. Each id's records meet there, the first by source is kept and the others are
+dead-lettered (`duplicate_id`); with stored outputs to reuse, the kept record also meets the stored rows of its id,
+and one whose content is unchanged is matched to a stored row instead of being prepared and embedded.
+
+    validated records ──► [FingerprintContent] ──► group by id ◄── ReadStoredRefs (earlier outputs, checkpoints)
+                                                      │ duplicates ──► dead letters
+                                                      │ unchanged  ──► ((file rank, row group), (record, row))
+                                                      ▼ new or changed
+                                                 FetchImages (transforms.image_check)
+
+Image bytes that can be read again (from a file, not a shard) never cross the shuffle: the records to prepare
+read them again after it. To compare content before the shuffle, FingerprintContent reads each image and hashes it,
+without decoding it nor, usually, parsing its header: the stored rows' images passed the same header checks
+when they were embedded. Only when a stored output was judged by a looser --max_image_pixels than tonight's are
+the headers checked before the match, so that a reused record is one tonight's checks would embed too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+
+import apache_beam as beam
+
+from schemas.records import Reason, Record, Stage
+from transforms.dead_letters import DEAD_LETTER_TAG, RouteOutputs, dead_letter, printable
+from transforms.image_check import ImageRefused, check_image, decoder_bytes, fingerprinted, read_image
+from transforms.reuse import REUSED_TAG, ReadStoredRefs, StoredFile, StoredRef
+
+# The image fingerprint of a record whose image could not be read or was refused before the match: no stored row
+# has it, so the record goes on to FetchImages, which judges it again and dead-letters it with the reason.
+UNMATCHABLE = ""
+
+
+def natural_key(source: str) -> list:
+    """Sort `file:10` after `file:9`: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", source)]
+
+
+def without_refetchable_bytes(record: Record) -> Record:
+    """The record as it crosses the shuffle: image bytes read from a file are dropped, to be read again after it."""
+    if record.image_uri is not None and record.image_bytes is not None:
+        return dataclasses.replace(record, image_bytes=None)
+    return record
+
+
+def fingerprint_content(record: Record, max_image_bytes: int, max_image_pixels: int | None) -> Record:
+    """The record with its content fingerprints and without refetchable image bytes: its image read (bounded by
+    `max_image_bytes`) and hashed as the decoder would get it, its header judged only with `max_image_pixels`."""
+    data = record.image_bytes
+    try:
+        if data is None and record.image_uri is not None:
+            data = read_image(record.image_uri, max_image_bytes, max_image_pixels or sys.maxsize)
+        if data is not None:
+            if max_image_pixels is not None:
+                data = check_image(data, max_image_pixels, max_image_bytes)
+            elif len(data) > max_image_bytes:
+                raise ImageRefused(Reason.IMAGE_TOO_LARGE, "over --max_image_bytes")
+            else:
+                data = decoder_bytes(data)
+    except ImageRefused:
+        return dataclasses.replace(without_refetchable_bytes(record), image_sha256=UNMATCHABLE)
+    return fingerprinted(record, data, image_bytes=None if record.image_uri is not None else data)
+
+
+def match_id(records: Iterable[Record], stored: Iterable[StoredRef]) -> Iterator:
+    """One id's records and stored rows → dead letters for all records but the first by source, and the first
+    itself: as a reused match ((rank, row group), (record, row)) to the most preferred stored row of the same
+    content, or as a record to prepare."""
+    ordered = sorted(records, key=lambda record: natural_key(printable(record.source)))
+    if not ordered:
+        return  # gone from the input: gone from the output
+    kept, *others = ordered
+    for other in others:
+        yield dead_letter(other, Stage.PREPARE, Reason.DUPLICATE_ID, f"id {other.id!r} is also at "
+                                                                     f"{printable(kept.source)}, which is kept "
+                                                                     "(the first by source)")
+    matching = [ref for ref in stored if ref.matches(kept)]
+    if matching:
+        best = max(matching, key=lambda ref: ref.rank)
+        yield beam.pvalue.TaggedOutput(REUSED_TAG, ((best.rank, best.row_group), (kept, best.row)))
+    else:
+        yield kept
+
+
+def _match_grouped(group: tuple[str, Iterable[Record]]) -> Iterator:
+    return match_id(group[1], ())
+
+
+def _match_joined(group: tuple[str, dict[str, Iterable]]) -> Iterator:
+    return match_id(group[1]["record"], group[1]["stored"])
+
+
+class MatchIds(beam.PTransform):
+    """validated records → (records to prepare, reused matches, duplicate-id dead letters). `stored_files` in
+    preference order (transforms.reuse.preference_order): their ranks are their indexes."""
+
+    def __init__(self, stored_files: Sequence[StoredFile], max_image_pixels: int, max_image_bytes: int):
+        super().__init__()
+        self._stored_files = list(stored_files)
+        self._max_image_bytes = max_image_bytes
+        looser = [file for file in self._stored_files
+                  if file.max_image_pixels is None or file.max_image_pixels > max_image_pixels]
+        self._header_pixels = max_image_pixels if looser else None
+
+    def expand(self, records):
+        if not self._stored_files:
+            grouped = (records
+                       | "KeyById" >> beam.Map(lambda record: (record.id, without_refetchable_bytes(record)))
+                       | "GroupById" >> beam.GroupByKey())
+            match = _match_grouped
+        else:
+            keyed = records | "FingerprintContent" >> beam.Map(
+                lambda record, size, pixels: (record.id, fingerprint_content(record, size, pixels)),
+                self._max_image_bytes, self._header_pixels)
+            stored = records.pipeline | "ReadStoredRefs" >> ReadStoredRefs(self._stored_files)
+            grouped = {"record": keyed, "stored": stored} | "GroupById" >> beam.CoGroupByKey()
+            match = _match_joined
+        outputs = grouped | "Match" >> beam.ParDo(RouteOutputs(match)).with_outputs(
+            REUSED_TAG, DEAD_LETTER_TAG, main="records")
+        return outputs.records, outputs[REUSED_TAG], outputs[DEAD_LETTER_TAG]
