@@ -57,9 +57,7 @@ class EmbedConfig:
 class Encoders:
     """The per-process models: built once by `shared.Shared`, shared by every thread (hence weak-referenceable)."""
 
-    def __init__(self, config: EmbedConfig):
-        device = configure_devices(config.device)
-        self.on_gpu = device.startswith("/GPU")
+    def __init__(self, config: EmbedConfig, device: str):
         self.image = LoadedEncoder(config.image, device) if config.image else None
         self.text = LoadedEncoder(config.text, device) if config.text else None
         self.image_decoder = ImageDecoder(config.image.image_size) if config.image else None
@@ -107,7 +105,7 @@ class EmbedBatch(beam.DoFn):
         self._model_cache = model_cache
         self._progress = progress
         self._embedded = Metrics.counter(METRICS_NAMESPACE, RECORDS_EMBEDDED)
-        self._encoders: Encoders | None = None
+        self._encoders: Future[Encoders] | None = None
         self._failure_run: FailureRun | None = None
         self._decoding: ThreadPoolExecutor | None = None
         self._embedding: ThreadPoolExecutor | None = None
@@ -116,13 +114,18 @@ class EmbedBatch(beam.DoFn):
     def setup(self):
         config = self._config
         self._failure_run = FailureRun()
-        self._encoders = self._model_cache.acquire(lambda: Encoders(config), tag=config.cache_tag)
+        device = configure_devices(config.device)
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="hubembed-embed")
         # On a GPU, the next batch is decoded on the CPU while the card runs the model. On a CPU the two would
         # share the same cores, each slowing the other's threads: the model thread then decodes each batch itself,
         # on all the cores, right before the encoders run on it, also on all the cores.
-        self._decoding = (ThreadPoolExecutor(1, thread_name_prefix="hubembed-decode") if self._encoders.on_gpu
+        self._decoding = (ThreadPoolExecutor(1, thread_name_prefix="hubembed-decode") if device.startswith("/GPU")
                           else self._embedding)
+        # The encoders load on the model thread, the first task it runs: loading a module takes seconds (once per
+        # process), and the runner's thread reads and prepares the first batches meanwhile. A load that fails
+        # raises from the first batch's result, in `process`.
+        self._encoders = self._embedding.submit(
+            self._model_cache.acquire, lambda: Encoders(config, device), tag=config.cache_tag)
 
     def start_bundle(self):
         self._in_flight = collections.deque()  # a retried bundle starts with nothing of the failed attempt
@@ -155,7 +158,8 @@ class EmbedBatch(beam.DoFn):
         with_image = [record for record in records if record.image_bytes is not None]
         if not with_image:
             return list(records), None, []
-        pixels, errors = self._encoders.image_decoder.decode_batch([record.image_bytes for record in with_image])
+        decoder = self._encoders.result().image_decoder
+        pixels, errors = decoder.decode_batch([record.image_bytes for record in with_image])
         failed = {id(record): error for record, error in zip(with_image, errors, strict=True) if error is not None}
         if not failed:
             return list(records), pixels, []
@@ -188,22 +192,23 @@ class EmbedBatch(beam.DoFn):
 
     def _embed(self, items: Sequence[tuple[Record, int | None]], pixels: np.ndarray | None) -> pa.RecordBatch:
         """(record, its row in `pixels` or None) pairs → one RecordBatch; each model runs once on the batch."""
+        encoders = self._encoders.result()
         records = [record for record, _ in items]
         rows = [row for _, row in items if row is not None]
         size = len(records)
         image_vectors = text_vectors = None
         has_image = np.array([row is not None for _, row in items], bool)
         has_text = np.array([record.text is not None for record in records], bool)
-        if self._encoders.image is not None:
+        if encoders.image is not None:
             image_vectors = np.zeros((size, self._config.image.dim), np.float32)
             if rows:
                 batch = pixels if rows == list(range(len(pixels))) else pixels[rows]
-                image_vectors[has_image] = self._encode(self._encoders.image, batch)
-        if self._encoders.text is not None:
+                image_vectors[has_image] = self._encode(encoders.image, batch)
+        if encoders.text is not None:
             text_vectors = np.zeros((size, self._config.text.dim), np.float32)
             if has_text.any():
                 texts = np.array([record.text for record in records if record.text is not None], dtype=object)
-                text_vectors[has_text] = self._encode(self._encoders.text, texts)
+                text_vectors[has_text] = self._encode(encoders.text, texts)
         return to_record_batch(records, self._config, image_vectors, has_image, text_vectors, has_text)
 
 
