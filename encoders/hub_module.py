@@ -281,7 +281,10 @@ class LoadedEncoder:
             input_signature = [tf.TensorSpec([None, spec.image_size, spec.image_size, 3], tf.float32)]
         else:
             input_signature = [tf.TensorSpec([None], tf.string)]
-        self._call = tf.function(lambda inputs: tf.cast(layer(inputs), tf.float32), input_signature=input_signature)
+        # autograph=False: the module's graph is already built; converting this wrapper's Python costs a worker
+        # a fraction of a second for nothing.
+        self._call = tf.function(lambda inputs: tf.cast(layer(inputs), tf.float32), input_signature=input_signature,
+                                 autograph=False)
         log.info("loaded %s encoder %s on %s in %.1fs", spec.modality, spec.handle, device,
                  time.perf_counter() - started)
 

@@ -166,7 +166,7 @@ def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
 def make_image_decoder(size: int):
     """bytes → [size, size, 3] float32 in [0, 1] (decode_and_resize as one traced function, for eager callers)."""
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
     def decode(data):
         return decode_and_resize(data, size)
 
@@ -207,13 +207,15 @@ class ImageDecoder:
     def __init__(self, size: int):
         spec = [tf.TensorSpec([], tf.string)]
         self._size = size
-        self._decode = tf.function(lambda data: _decode(data, size), input_signature=spec)
-        self._decode_stored = tf.function(_decode_rgb, input_signature=spec)
+        # autograph=False: the graph's control flow is explicit (tf.cond, tf.while_loop, tf.map_fn), and converting
+        # the Python first would double the time of the first call, which every worker pays.
+        self._decode = tf.function(lambda data: _decode(data, size), input_signature=spec, autograph=False)
+        self._decode_stored = tf.function(_decode_rgb, input_signature=spec, autograph=False)
         # A batch decoded as one graph: map_fn runs PARALLEL_DECODES images at once on TensorFlow's inter-op threads.
         self._decode_many = tf.function(
             lambda data: tf.map_fn(lambda one: _decode(one, size), data, parallel_iterations=PARALLEL_DECODES,
                                    fn_output_signature=(tf.float32, tf.bool)),
-            input_signature=[tf.TensorSpec([None], tf.string)])
+            input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
 
     def decode_batch(self, images: Sequence[bytes]) -> tuple[np.ndarray, list[ImageDecodeError | None]]:
         """Images decoded side by side on the process's cores: [n, size, size, 3] float32, and for each image None
