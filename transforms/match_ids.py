@@ -18,6 +18,7 @@ the headers checked before the match, so that a reused record is one tonight's c
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +33,21 @@ from transforms.reuse import REUSED_TAG, ReadStoredRefs, StoredFile, StoredRef
 # The image fingerprint of a record whose image could not be read or was refused before the match: no stored row
 # has it, so the record goes on to FetchImages, which judges it again and dead-letters it with the reason.
 UNMATCHABLE = ""
+
+
+# Record's fields in order: a record crosses the shuffle as the pickled tuple of their values (see `to_wire`).
+RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(Record))
+
+
+def to_wire(record: Record) -> bytes:
+    """A record as it crosses the shuffle by id: the in-process runner holds a shuffle's values as the Python
+    objects they decode to, and a Record object weighs about 3× these bytes (pickle keeps the surrogate-escaped
+    bytes of odd file names, which Beam's string coder refuses)."""
+    return pickle.dumps(tuple(getattr(record, name) for name in RECORD_FIELDS), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def from_wire(data: bytes) -> Record:
+    return Record(*pickle.loads(data))
 
 
 def natural_key(source: str) -> list:
@@ -85,12 +101,12 @@ def match_id(records: Iterable[Record], stored: Iterable[StoredRef]) -> Iterator
         yield kept
 
 
-def _match_grouped(group: tuple[str, Iterable[Record]]) -> Iterator:
-    return match_id(group[1], ())
+def _match_grouped(group: tuple[str, Iterable[bytes]]) -> Iterator:
+    return match_id(map(from_wire, group[1]), ())
 
 
 def _match_joined(group: tuple[str, dict[str, Iterable]]) -> Iterator:
-    return match_id(group[1]["record"], group[1]["stored"])
+    return match_id(map(from_wire, group[1]["record"]), group[1]["stored"])
 
 
 class MatchIds(beam.PTransform):
@@ -108,12 +124,12 @@ class MatchIds(beam.PTransform):
     def expand(self, records):
         if not self._stored_files:
             grouped = (records
-                       | "KeyById" >> beam.Map(lambda record: (record.id, without_refetchable_bytes(record)))
+                       | "KeyById" >> beam.Map(lambda record: (record.id, to_wire(without_refetchable_bytes(record))))
                        | "GroupById" >> beam.GroupByKey())
             match = _match_grouped
         else:
             keyed = records | "FingerprintContent" >> beam.Map(
-                lambda record, size, pixels: (record.id, fingerprint_content(record, size, pixels)),
+                lambda record, size, pixels: (record.id, to_wire(fingerprint_content(record, size, pixels))),
                 self._max_image_bytes, self._header_pixels)
             stored = records.pipeline | "ReadStoredRefs" >> ReadStoredRefs(self._stored_files)
             grouped = {"record": keyed, "stored": stored} | "GroupById" >> beam.CoGroupByKey()
