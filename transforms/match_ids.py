@@ -40,9 +40,9 @@ RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(Record))
 
 
 def to_wire(record: Record) -> bytes:
-    """A record as it crosses the shuffle by id: the in-process runner holds a shuffle's values as the Python
-    objects they decode to, and a Record object weighs about 3× these bytes (pickle keeps the surrogate-escaped
-    bytes of odd file names, which Beam's string coder refuses)."""
+    """A record as it crosses the shuffle by id. The in-process runner holds a shuffle's values as the Python
+    objects they decode to: as bytes, the memory a record holds there fell from about 2.0 to 1.6 KB (benchmarks/
+    RESULTS.md). Pickle, not Beam's coders: it keeps the surrogate-escaped bytes of odd file names."""
     return pickle.dumps(tuple(getattr(record, name) for name in RECORD_FIELDS), protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -64,19 +64,19 @@ def without_refetchable_bytes(record: Record) -> Record:
 
 def fingerprint_content(record: Record, max_image_bytes: int, max_image_pixels: int | None) -> Record:
     """The record with its content fingerprints and without refetchable image bytes: its image read (bounded by
-    `max_image_bytes`) and hashed as the decoder would get it, its header judged only with `max_image_pixels`."""
+    `max_image_bytes`) and hashed as the decoder would get it, its header judged only with `max_image_pixels`.
+    An image that cannot be read, or that tonight's limits refuse, gets the UNMATCHABLE fingerprint."""
     data = record.image_bytes
     try:
         if data is None and record.image_uri is not None:
             data = read_image(record.image_uri, max_image_bytes, max_image_pixels or sys.maxsize)
         if data is not None:
-            if max_image_pixels is not None:
-                data = check_image(data, max_image_pixels, max_image_bytes)
-            elif len(data) > max_image_bytes:
-                raise ImageRefused(Reason.IMAGE_TOO_LARGE, "over --max_image_bytes")
-            else:
-                data = decoder_bytes(data)
+            data = (check_image(data, max_image_pixels, max_image_bytes) if max_image_pixels is not None
+                    else decoder_bytes(data))
     except ImageRefused:
+        data = None
+    if data is None and (record.image_uri is not None or record.image_bytes is not None) \
+            or data is not None and len(data) > max_image_bytes:  # an inline image over tonight's cap
         return dataclasses.replace(without_refetchable_bytes(record), image_sha256=UNMATCHABLE)
     return fingerprinted(record, data, image_bytes=None if record.image_uri is not None else data)
 
