@@ -126,14 +126,16 @@ def test_reuse_on_hostile_input_dead_letters_what_a_full_run_does(fixture_encode
     argv = ["--input", manifest, "--max_error_rate", "1", *encoders_argv(fixture_encoders)]
     assert main([*argv, "--output", str(root / "dt=1"), "--max_image_pixels", "2000000"]) == 0
     assert "huge" in rows_by_id(str(root / "dt=1")).index  # 1200x1000 pixels
-    for limit, night in (("2000000", "dt=2"), ("1000000", "dt=3")):
-        reused = run([*argv, "--output", str(root / night), "--max_image_pixels", limit, "--reuse", str(root / "dt=1")])
-        full = run([*argv, "--output", str(tmp_path / f"full-{limit}"), "--max_image_pixels", limit])
+    # Tonight's limits: as night 1's, fewer pixels (huge.png is 1200x1000), fewer bytes (huge.png is over 1 MB).
+    for night, limits in (("dt=2", ["--max_image_pixels", "2000000"]), ("dt=3", ["--max_image_pixels", "1000000"]),
+                          ("dt=4", ["--max_image_pixels", "2000000", "--max_image_bytes", "100000"])):
+        reused = run([*argv, "--output", str(root / night), *limits, "--reuse", str(root / "dt=1")])
+        full = run([*argv, "--output", str(tmp_path / f"full-{night}"), *limits])
         assert reused.reused == full.embedded > 0 and reused.embedded_fresh == 0
-        assert_same_vectors(rows_by_id(str(root / night)), rows_by_id(str(tmp_path / f"full-{limit}")))
-        assert dead_letter_reasons(str(root / night)) == dead_letter_reasons(str(tmp_path / f"full-{limit}"))
+        assert_same_vectors(rows_by_id(str(root / night)), rows_by_id(str(tmp_path / f"full-{night}")))
+        assert dead_letter_reasons(str(root / night)) == dead_letter_reasons(str(tmp_path / f"full-{night}"))
         refused = {(row_id, reason) for _, row_id, reason in dead_letter_reasons(str(root / night))}
-        assert (("huge", "image_too_large") in refused) == (limit == "1000000")
+        assert (("huge", "image_too_large") in refused) == (night != "dt=2")
 
 
 def test_reuse_refuses_other_encoders_and_skips_unpublished_outputs(fixture_encoders, tmp_path, capsys):
