@@ -23,7 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from beam_jobs import flags, output_folder
 from beam_jobs.cli import exit_process
 from beam_jobs.flags import NO_ENCODER
-from beam_jobs.launch import LOCAL_RUNNERS, REMOTE_RUNNERS, JobConfigError, finish_run, job_main
+from beam_jobs.launch import LOCAL_RUNNERS, REMOTE_RUNNERS, JobConfigError, finish_run, job_main, single_worker
 from encoders import pretrained
 from encoders.hub_module import EncoderConfigError, EncoderSpec, probe_encoder
 from encoders.runtime import tf
@@ -187,11 +187,13 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
     progress = ProgressLog(job.progress_interval)
     tfrecord_keys = {"id": job.tfrecord_id_key, "image": job.tfrecord_image_key, "text": job.tfrecord_text_key,
                      "label": job.tfrecord_label_key}
-    records, unreadable = pipeline | "ReadCorpus" >> ReadCorpus(job.input, plan.input_format, plan.passthrough,
-                                                                tfrecord_keys)
+    read = ReadCorpus(job.input, plan.input_format, plan.passthrough, tfrecord_keys,
+                      fan_out=not single_worker(pipeline.options))
+    records, unreadable = pipeline | "ReadCorpus" >> read
     to_embed, reused, unprepared = records | "PrepareRecords" >> PrepareRecords(
-        use_image=plan.image is not None, use_text=plan.text is not None, max_image_pixels=job.max_image_pixels,
-        max_text_chars=job.max_text_chars, max_image_bytes=job.max_image_bytes, stored_files=plan.stored_files)
+        read.again(), use_image=plan.image is not None, use_text=plan.text is not None,
+        max_image_pixels=job.max_image_pixels, max_text_chars=job.max_text_chars, max_image_bytes=job.max_image_bytes,
+        stored_files=plan.stored_files)
     embeddings, unembedded = to_embed | "EmbedRecords" >> EmbedRecords(
         plan.embed_config, progress, min_batch_size=job.min_batch_size, max_batch_size=job.batch_size)
     if not job.no_checkpoint:

@@ -127,6 +127,13 @@ def worker_processes(options: PipelineOptions) -> int:
     return direct.direct_num_workers or multiprocessing.cpu_count()  # 0: one per core, as the FnApiRunner reads it
 
 
+def single_worker(options: PipelineOptions) -> bool:
+    """Whether the pipeline runs on one worker, DirectRunner in this process: no step pays for spreading work."""
+    runner = options.view_as(StandardOptions).runner
+    return (runner in LOCAL_RUNNERS and worker_processes(options) == 0
+            and (options.view_as(DirectOptions).direct_num_workers or 1) <= 1)
+
+
 @contextlib.contextmanager
 def tensorflow_threads_per_worker(processes: int) -> Iterator[None]:
     """Give each of `processes` worker processes its share of the cores for TensorFlow, while they start.

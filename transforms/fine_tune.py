@@ -70,9 +70,10 @@ def build_records_pipeline(pipeline: beam.Pipeline, path: str, input_format: str
                            dead_letters_prefix: str) -> None:
     """read → prepare → image decode check → records Parquet (id, label, image bytes, text); dead letters as the
     embedding job's."""
-    records, unreadable = pipeline | "ReadCorpus" >> ReadCorpus(path, input_format)
+    read = ReadCorpus(path, input_format)
+    records, unreadable = pipeline | "ReadCorpus" >> read
     prepared, _, unprepared = records | "PrepareRecords" >> PrepareRecords(
-        use_image=use_image, use_text=use_text, max_image_pixels=max_image_pixels)
+        read.again(), use_image=use_image, use_text=use_text, max_image_pixels=max_image_pixels)
     undecodable = []
     if use_image:
         checked = prepared | "CheckImagesDecode" >> beam.ParDo(CheckImagesDecode()).with_outputs(

@@ -1,14 +1,19 @@
-"""MatchIds: the one shuffle by id. Each id's records meet there, the first by source is kept and the others are
-dead-lettered (`duplicate_id`); with stored outputs to reuse, the kept record also meets the stored rows of its id,
-and one whose content is unchanged is matched to a stored row instead of being prepared and embedded.
+"""The records of one id: the first by source is kept and the others are dead-lettered (`duplicate_id`); with
+stored outputs to reuse, the kept record is also matched to the stored rows of its id, and one whose content is
+unchanged takes a stored row's vectors instead of being prepared and embedded.
 
-    validated records ──► [FingerprintContent] ──► group by id ◄── ReadStoredRefs (earlier outputs, checkpoints)
-                                                      │ duplicates ──► dead letters
-                                                      │ unchanged  ──► ((file rank, row group), (record, row))
-                                                      ▼ new or changed
-                                                 FetchImages (transforms.image_check)
+Without stored outputs, DropDuplicateIds groups ids alone: a second read of the corpus gives (id, source) pairs,
+the few losers reach the records as a side input, and the records stream on (on the in-process runner, a shuffle
+holds its whole input in memory). With stored outputs, MatchIds shuffles the records themselves by id, beside the
+stored rows:
 
-Image bytes that can be read again (from a file, not a shard) never cross the shuffle: the records to prepare
+    validated records ──► FingerprintContent ──► group by id ◄── ReadStoredRefs (earlier outputs, checkpoints)
+                                                   │ duplicates ──► dead letters
+                                                   │ unchanged  ──► ((file rank, row group), (record, row))
+                                                   ▼ new or changed
+                                              FetchImages (transforms.image_check)
+
+Image bytes that can be read again (from a file, not a shard) never cross that shuffle: the records to prepare
 read them again after it. To compare content before the shuffle, FingerprintContent reads each image and hashes it,
 without decoding it nor, usually, parsing its header: the stored rows' images passed the same header checks
 when they were embedded. Only when a stored output was judged by a looser --max_image_pixels than tonight's are
@@ -25,7 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 
-from schemas.records import Reason, Record, Stage
+from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import DEAD_LETTER_TAG, RouteOutputs, dead_letter, printable
 from transforms.image_check import ImageRefused, check_image, decoder_bytes, fingerprinted, read_image
 from transforms.reuse import REUSED_TAG, ReadStoredRefs, StoredFile, StoredRef
@@ -53,6 +58,23 @@ def from_wire(data: bytes) -> Record:
 def natural_key(source: str) -> list:
     """Sort `file:10` after `file:9`: digit runs compare as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", source)]
+
+
+def duplicate_letter(record: Record, kept_source: str) -> DeadLetter:
+    return dead_letter(record, Stage.PREPARE, Reason.DUPLICATE_ID,
+                       f"id {record.id!r} is also at {kept_source}, which is kept (the first by source)")
+
+
+def duplicate_sources(group: tuple[str, Iterable[str]]) -> Iterator[tuple[str, str]]:
+    """One id's printable sources → (source, the kept source) for each source but the kept one."""
+    kept, *others = sorted(group[1], key=natural_key)
+    for other in others:
+        yield other, kept
+
+
+def drop_duplicate(record: Record, losers: dict[str, str]) -> Iterator[Record | DeadLetter]:
+    kept = losers.get(printable(record.source))
+    yield record if kept is None else duplicate_letter(record, kept)
 
 
 def without_refetchable_bytes(record: Record) -> Record:
@@ -90,9 +112,7 @@ def match_id(records: Iterable[Record], stored: Iterable[StoredRef]) -> Iterator
         return  # gone from the input: gone from the output
     kept, *others = ordered
     for other in others:
-        yield dead_letter(other, Stage.PREPARE, Reason.DUPLICATE_ID, f"id {other.id!r} is also at "
-                                                                     f"{printable(kept.source)}, which is kept "
-                                                                     "(the first by source)")
+        yield duplicate_letter(other, printable(kept.source))
     matching = [ref for ref in stored if ref.matches(kept)]
     if matching:
         best = max(matching, key=lambda ref: ref.rank)
@@ -101,17 +121,36 @@ def match_id(records: Iterable[Record], stored: Iterable[StoredRef]) -> Iterator
         yield kept
 
 
-def _match_grouped(group: tuple[str, Iterable[bytes]]) -> Iterator:
-    return match_id(map(from_wire, group[1]), ())
-
-
 def _match_joined(group: tuple[str, dict[str, Iterable]]) -> Iterator:
     return match_id(map(from_wire, group[1]["record"]), group[1]["stored"])
 
 
+class DropDuplicateIds(beam.PTransform):
+    """(validated records, the same records read again) → (records, duplicate-id dead letters).
+
+    Only (id, source) pairs are grouped, from the second read; the few losers reach the records as a side input,
+    and the records stream past it, never held: on the in-process runner a shuffle holds its whole input in memory,
+    and this one holds ids. The corpus must not change between the two reads, as during any run.
+    """
+
+    def __init__(self, again):
+        super().__init__()
+        self._again = again
+
+    def expand(self, records):
+        losers = (self._again
+                  | "IdSource" >> beam.Map(lambda record: (record.id, printable(record.source)))
+                  | "GroupById" >> beam.GroupByKey()
+                  | "Losers" >> beam.FlatMap(duplicate_sources))
+        outputs = records | "Drop" >> beam.ParDo(RouteOutputs(drop_duplicate), beam.pvalue.AsDict(losers)).with_outputs(
+            DEAD_LETTER_TAG, main="records")
+        return outputs.records, outputs[DEAD_LETTER_TAG]
+
+
 class MatchIds(beam.PTransform):
-    """validated records → (records to prepare, reused matches, duplicate-id dead letters). `stored_files` in
-    preference order (transforms.reuse.preference_order): their ranks are their indexes."""
+    """validated records → (records to prepare, reused matches, duplicate-id dead letters): one shuffle of the
+    records by id, with the stored rows of `stored_files` (in preference order, transforms.reuse.preference_order:
+    their ranks are their indexes)."""
 
     def __init__(self, stored_files: Sequence[StoredFile], max_image_pixels: int, max_image_bytes: int):
         super().__init__()
@@ -122,18 +161,12 @@ class MatchIds(beam.PTransform):
         self._header_pixels = max_image_pixels if looser else None
 
     def expand(self, records):
-        if not self._stored_files:
-            grouped = (records
-                       | "KeyById" >> beam.Map(lambda record: (record.id, to_wire(without_refetchable_bytes(record))))
-                       | "GroupById" >> beam.GroupByKey())
-            match = _match_grouped
-        else:
-            keyed = records | "FingerprintContent" >> beam.Map(
-                lambda record, size, pixels: (record.id, to_wire(fingerprint_content(record, size, pixels))),
-                self._max_image_bytes, self._header_pixels)
-            stored = records.pipeline | "ReadStoredRefs" >> ReadStoredRefs(self._stored_files)
-            grouped = {"record": keyed, "stored": stored} | "GroupById" >> beam.CoGroupByKey()
-            match = _match_joined
-        outputs = grouped | "Match" >> beam.ParDo(RouteOutputs(match)).with_outputs(
-            REUSED_TAG, DEAD_LETTER_TAG, main="records")
+        keyed = records | "FingerprintContent" >> beam.Map(
+            lambda record, size, pixels: (record.id, to_wire(fingerprint_content(record, size, pixels))),
+            self._max_image_bytes, self._header_pixels)
+        stored = records.pipeline | "ReadStoredRefs" >> ReadStoredRefs(self._stored_files)
+        outputs = ({"record": keyed, "stored": stored}
+                   | "GroupById" >> beam.CoGroupByKey()
+                   | "Match" >> beam.ParDo(RouteOutputs(_match_joined)).with_outputs(
+                       REUSED_TAG, DEAD_LETTER_TAG, main="records"))
         return outputs.records, outputs[REUSED_TAG], outputs[DEAD_LETTER_TAG]

@@ -1,5 +1,5 @@
-"""PrepareRecords: validate ids and text, drop duplicate ids (and match stored rows), fetch image bytes and check
-their headers (transforms.image_check).
+"""PrepareRecords: validate ids and text, drop duplicate ids and match stored rows (transforms.match_ids), fetch
+image bytes and check their headers (transforms.image_check).
 
 Everything that can be judged without a model is judged here, so the embed step only sees records it can embed
 (except images whose bytes are corrupt past the header, which only a decoder finds).
@@ -23,7 +23,7 @@ from schemas.records import (
 )
 from transforms.dead_letters import dead_letter, printable, route
 from transforms.image_check import fetch_and_check_image
-from transforms.match_ids import MatchIds
+from transforms.match_ids import DropDuplicateIds, MatchIds
 from transforms.reuse import StoredFile
 
 
@@ -84,17 +84,19 @@ def validate_record(record: Record, use_image: bool, use_text: bool,
 class PrepareRecords(beam.PTransform):
     """records → (records ready to embed, records whose vectors are copied from `stored_files`, dead_letters).
 
-        validate ──► MatchIds (the one shuffle by id: duplicates dropped, stored rows matched) ──► FetchImages
+        validate ──► duplicate ids dropped (and, with stored files, stored rows matched) ──► FetchImages
                                 └──► reused: ((stored file rank, row group), (record, row)), for CopyStoredVectors
 
-    Without stored files the reused output is empty and MatchIds only drops duplicate ids. Records come out of
-    FetchImages with their image bytes checked by header and their content fingerprints.
+    Without stored files the reused output is empty, and `again` (the corpus read again, ReadCorpus.again) gives
+    the duplicate check its ids (transforms.match_ids). Records come out of FetchImages with their image bytes
+    checked by header and their content fingerprints.
     """
 
-    def __init__(self, use_image: bool, use_text: bool, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                 stored_files: Sequence[StoredFile] = ()):
+    def __init__(self, again: beam.PTransform, use_image: bool, use_text: bool,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, stored_files: Sequence[StoredFile] = ()):
         super().__init__()
+        self._again = again
         self._use_image = use_image
         self._use_text = use_text
         self._max_image_pixels = max_image_pixels
@@ -103,10 +105,16 @@ class PrepareRecords(beam.PTransform):
         self._stored_files = list(stored_files)
 
     def expand(self, records):
-        valid, invalid = route("Validate", records, validate_record, self._use_image, self._use_text,
-                                self._max_text_chars)
-        unique, reused, duplicated = valid | "MatchIds" >> MatchIds(self._stored_files, self._max_image_pixels,
-                                                                    self._max_image_bytes)
+        validate = (validate_record, self._use_image, self._use_text, self._max_text_chars)
+        valid, invalid = route("Validate", records, *validate)
+        if self._stored_files:
+            unique, reused, duplicated = valid | "MatchIds" >> MatchIds(self._stored_files, self._max_image_pixels,
+                                                                        self._max_image_bytes)
+        else:
+            again, _ = records.pipeline | "ReadIds" >> self._again  # its dead letters are the first read's
+            valid_again, _ = route("ValidateIds", again, *validate)
+            unique, duplicated = valid | "DropDuplicateIds" >> DropDuplicateIds(valid_again)
+            reused = records.pipeline | "NothingReused" >> beam.Create([])
         ready, unreadable = route("FetchImages", unique, fetch_and_check_image, self._max_image_pixels,
                                   self._max_image_bytes)
         dead = (invalid, duplicated, unreadable) | "MergeDeadLetters" >> beam.Flatten()

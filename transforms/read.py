@@ -69,7 +69,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from schemas.records import INPUT_FORMATS, DeadLetter, Reason, Record, Stage
+from schemas.records import INPUT_FORMATS, MANIFEST_FORMATS, DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import dead_letter, printable, route
 from transforms.files import special_kind
 
@@ -787,15 +787,24 @@ def read_file(readable: fileio.ReadableFile, reader, *args: Any) -> Iterator[Rec
 
 
 class ReadCorpus(beam.PTransform):
-    """path + format → (records, dead_letters). `records_read` counts both."""
+    """path + format → (records, dead_letters). `records_read` counts both, unless `count_read` is off (a second
+    read of the same corpus: see `again`). `fan_out` spreads a manifest's rows over the workers (a manifest file
+    is read by one); on a single worker it would only hold them all in memory."""
 
     def __init__(self, path: str, input_format: str, passthrough: Sequence[str] = (),
-                 tfrecord_keys: dict[str, str] | None = None):
+                 tfrecord_keys: dict[str, str] | None = None, fan_out: bool = True, count_read: bool = True):
         super().__init__()
+        self._fan_out = fan_out
+        self._count_read = count_read
         self._path = path
         self._format = input_format
         self._passthrough = tuple(passthrough)
         self._tfrecord_keys = dict(tfrecord_keys or {})
+
+    def again(self) -> ReadCorpus:
+        """The same read, not counted: PrepareRecords reads the corpus a second time for its ids alone."""
+        return ReadCorpus(self._path, self._format, self._passthrough, self._tfrecord_keys, fan_out=False,
+                          count_read=False)
 
     def expand(self, pipeline):
         patterns = match_patterns(self._path, self._format)
@@ -812,7 +821,7 @@ class ReadCorpus(beam.PTransform):
                        | "AllPaths" >> beam.Flatten()
                        | "KeyBySample" >> beam.Map(_folder_sample_key)
                        | "GroupSidecars" >> beam.GroupByKey())
-            return route("ToRecords", grouped, image_folder_records, root, count_read=True)
+            return route("ToRecords", grouped, image_folder_records, root, count_read=self._count_read)
         # A file that overlapping patterns (`m/{a,*}.jsonl`) match twice is read once; the shuffle also spreads
         # the files over the workers.
         files = (matched
@@ -822,6 +831,8 @@ class ReadCorpus(beam.PTransform):
         readers = {"jsonl": (read_jsonl,), "csv": (read_csv,), "parquet": (read_parquet,),
                    "webdataset": (read_webdataset,), "tfrecord": (read_tfrecord, self._tfrecord_keys)}
         readables = files | "Open" >> fileio.ReadMatches()
-        # One manifest file is read by one worker: PrepareRecords' shuffle by id, right after a cheap validation,
-        # spreads its rows over the workers before the expensive steps (no fan-out of its own here).
-        return route("ToRecords", readables, read_file, *readers[self._format], self._passthrough, count_read=True)
+        records, dead = route("ToRecords", readables, read_file, *readers[self._format], self._passthrough,
+                              count_read=self._count_read)
+        if self._fan_out and self._format in MANIFEST_FORMATS:
+            records = records | "FanOut" >> beam.Reshuffle()
+        return records, dead
