@@ -45,9 +45,10 @@ RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(Record))
 
 
 def to_wire(record: Record) -> bytes:
-    """A record as it crosses the shuffle by id. The in-process runner holds a shuffle's values as the Python
-    objects they decode to: as bytes, the memory a record holds there fell from about 2.0 to 1.6 KB (benchmarks/
-    RESULTS.md). Pickle, not Beam's coders: it keeps the surrogate-escaped bytes of odd file names."""
+    """A record as it crosses MatchIds' shuffle. The in-process runner holds a shuffle's values as the Python objects
+    they decode to: as these bytes a record weighed 1.6 KB there instead of 2.0 (measured when the duplicate check
+    shuffled records too, benchmarks/RESULTS.md). Pickle, not Beam's coders: it keeps the surrogate-escaped bytes
+    of odd file names."""
     return pickle.dumps(tuple(getattr(record, name) for name in RECORD_FIELDS), protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -126,14 +127,15 @@ def _match_joined(group: tuple[str, dict[str, Iterable]]) -> Iterator:
 
 
 class DropDuplicateIds(beam.PTransform):
-    """(validated records, the same records read again) → (records, duplicate-id dead letters).
+    """validated records → (records, duplicate-id dead letters); `again` holds the same validated records, from a
+    second read of the corpus.
 
     Only (id, source) pairs are grouped, from the second read; the few losers reach the records as a side input,
     and the records stream past it, never held: on the in-process runner a shuffle holds its whole input in memory,
     and this one holds ids. The corpus must not change between the two reads, as during any run.
     """
 
-    def __init__(self, again):
+    def __init__(self, again: beam.PCollection):
         super().__init__()
         self._again = again
 
