@@ -1,6 +1,6 @@
 """EmbedRecords: batches of records → Arrow RecordBatches holding both modalities' vectors and their concatenation.
 
-Shaped like Beam's ModelHandler: `load_encoders` is the load_model half (run once per worker process through
+Shaped like Beam's ModelHandler: `Encoders` is the load_model half (run once per worker process through
 `shared.Shared`, so every DoFn thread of the process uses one copy), `EmbedBatch.process` the run_inference half.
 One DoFn holds both encoders and embeds both columns of the same batch, so no shuffle joins the modalities.
 Images are decoded and resized in TensorFlow, a batch at a time on all the process's cores, off the runner's thread

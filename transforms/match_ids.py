@@ -78,29 +78,25 @@ def drop_duplicate(record: Record, losers: dict[str, str]) -> Iterator[Record | 
     yield record if kept is None else duplicate_letter(record, kept)
 
 
-def without_refetchable_bytes(record: Record) -> Record:
-    """The record as it crosses the shuffle: image bytes read from a file are dropped, to be read again after it."""
-    if record.image_uri is not None and record.image_bytes is not None:
-        return dataclasses.replace(record, image_bytes=None)
-    return record
-
-
 def fingerprint_content(record: Record, max_image_bytes: int, max_image_pixels: int | None) -> Record:
-    """The record with its content fingerprints and without refetchable image bytes: its image read (bounded by
-    `max_image_bytes`) and hashed as the decoder would get it, its header judged only with `max_image_pixels`.
-    An image that cannot be read, or that tonight's limits refuse, gets the UNMATCHABLE fingerprint."""
-    data = record.image_bytes
+    """The record with its content fingerprints: its image read (bounded by `max_image_bytes`) and hashed as the
+    decoder would get it, its header judged only with `max_image_pixels`; image bytes read from a file are not
+    kept (the records to prepare read them again after the shuffle). An image that cannot be read, or that
+    tonight's limits refuse, gets the UNMATCHABLE fingerprint."""
+    data = record.image_bytes  # readers give an image as bytes or as a URI, never both
+    refused = False
     try:
         if data is None and record.image_uri is not None:
             data = read_image(record.image_uri, max_image_bytes, max_image_pixels or sys.maxsize)
-        if data is not None:
+        if data is not None and len(data) > max_image_bytes:  # inline bytes over tonight's cap
+            refused = True
+        elif data is not None:
             data = (check_image(data, max_image_pixels, max_image_bytes) if max_image_pixels is not None
                     else decoder_bytes(data))
     except ImageRefused:
-        data = None
-    if data is None and (record.image_uri is not None or record.image_bytes is not None) \
-            or data is not None and len(data) > max_image_bytes:  # an inline image over tonight's cap
-        return dataclasses.replace(without_refetchable_bytes(record), image_sha256=UNMATCHABLE)
+        refused = True
+    if refused:
+        return dataclasses.replace(record, image_sha256=UNMATCHABLE)
     return fingerprinted(record, data, image_bytes=None if record.image_uri is not None else data)
 
 

@@ -177,15 +177,15 @@ class CopyRowGroupVectors(beam.DoFn):
         pairs = list(pairs)
         records = [record for record, _ in pairs]
         rows = pa.array([row for _, row in pairs], pa.int64())
-        path, origin, _ = self._files[rank]
-        with FileSystems.open(path) as handle:
+        stored_file = self._files[rank]
+        with FileSystems.open(stored_file.path) as handle:
             stored = pq.ParquetFile(handle).read_row_group(row_group, columns=list(self._vector_columns))
         vectors = {name: stored.column(name).take(rows).combine_chunks() for name in self._vector_columns}
         # The masks say which modality was embedded: the same as which one has content, since the hashes match.
         table = record_columns(records, self._schema, self._passthrough,
                                np.array([record.image_sha256 is not None for record in records], bool),
                                np.array([record.text_sha256 is not None for record in records], bool), vectors)
-        (self._resumed if origin == ORIGIN_CHECKPOINT else self._reused).inc(len(records))
+        (self._resumed if stored_file.origin == ORIGIN_CHECKPOINT else self._reused).inc(len(records))
         self._written.inc(len(records))
         yield pa.Table.from_batches([table])
 
