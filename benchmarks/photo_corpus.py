@@ -42,47 +42,36 @@ def source_photos() -> list[np.ndarray]:
 
 def photo_jpeg(photos: list[np.ndarray], seed: int, size: tuple[int, int] = (640, 480), quality: int = 90,
                crop_first: bool = False) -> bytes:
-    """One distinct photograph-like JPEG of `size` (width, height).
+    """One distinct photograph-like JPEG of `size` (width, height): a random crop of an enlarged source photo,
+    maybe mirrored, its levels shifted.
 
     `crop_first` draws the same crop but resamples only the cropped part of the source, straight to `size`, and
     adjusts the levels through a lookup table: about 6x faster at 2048x1536 (0.04 s a photo instead of 0.25 s),
     and the same picture to within rounding (not the same bytes, so the default keeps earlier corpora as they were).
     """
-    if crop_first:
-        return _photo_jpeg_cropped_first(photos, seed, size, quality)
-    rng = np.random.RandomState(seed)
-    source = Image.fromarray(photos[seed % len(photos)])
-    scale = rng.uniform(1.05, 1.6) * max(size[0] / source.width, size[1] / source.height)
-    enlarged = source.resize((int(source.width * scale) + 1, int(source.height * scale) + 1), Image.BICUBIC)
-    left = rng.randint(0, enlarged.width - size[0] + 1)
-    top = rng.randint(0, enlarged.height - size[1] + 1)
-    image = enlarged.crop((left, top, left + size[0], top + size[1]))
-    if rng.rand() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    pixels = np.asarray(image, np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-12, 12, size=3)
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def _photo_jpeg_cropped_first(photos: list[np.ndarray], seed: int, size: tuple[int, int], quality: int) -> bytes:
-    """photo_jpeg's picture, from the same random draws, without enlarging the whole source first."""
     rng = np.random.RandomState(seed)
     source = Image.fromarray(photos[seed % len(photos)])
     scale = rng.uniform(1.05, 1.6) * max(size[0] / source.width, size[1] / source.height)
     enlarged = (int(source.width * scale) + 1, int(source.height * scale) + 1)
     left = rng.randint(0, enlarged[0] - size[0] + 1)
     top = rng.randint(0, enlarged[1] - size[1] + 1)
-    step_x, step_y = source.width / enlarged[0], source.height / enlarged[1]
-    box = (left * step_x, top * step_y, (left + size[0]) * step_x, (top + size[1]) * step_y)
-    image = source.resize(size, Image.BICUBIC, box=box)
+    if crop_first:
+        step_x, step_y = source.width / enlarged[0], source.height / enlarged[1]
+        box = (left * step_x, top * step_y, (left + size[0]) * step_x, (top + size[1]) * step_y)
+        image = source.resize(size, Image.BICUBIC, box=box)
+    else:
+        image = source.resize(enlarged, Image.BICUBIC).crop((left, top, left + size[0], top + size[1]))
     if rng.rand() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     gain, shift = rng.uniform(0.8, 1.2), rng.uniform(-12, 12, size=3)
-    levels = np.arange(256, dtype=np.float32)
-    table = np.concatenate([np.clip(levels * gain + offset, 0, 255).astype(np.uint8) for offset in shift])
+    if crop_first:
+        levels = np.arange(256, dtype=np.float32)
+        table = np.concatenate([np.clip(levels * gain + offset, 0, 255).astype(np.uint8) for offset in shift])
+        image = image.point(table.tolist())
+    else:
+        image = Image.fromarray(np.clip(np.asarray(image, np.float32) * gain + shift, 0, 255).astype(np.uint8))
     buffer = io.BytesIO()
-    image.point(table.tolist()).save(buffer, format="JPEG", quality=quality)
+    image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
