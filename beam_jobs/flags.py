@@ -60,8 +60,9 @@ def add_embed_flags(parser: argparse.ArgumentParser) -> None:
                   "fix it (default 224)")
     add_flag(group, "--passthrough", default="", help="comma-separated input columns copied to the output")
     add_flag(group, "--batch_size", type=int, default=32, help="largest batch sent through a model")
-    add_flag(group, "--min_batch_size", type=int, default=8,
-             help="smallest batch BatchElements starts from before it adapts upwards")
+    add_flag(group, "--min_batch_size", type=int, default=None,
+             help="smallest batch (default: --batch_size, so every batch is full but a bundle's last); below "
+                  "it, BatchElements adapts by timings that do not see the model, which runs on a thread of its own")
     add_flag(group, "--num_shards", type=int, default=0, help="output Parquet files (0: the runner chooses)")
     add_flag(group, "--l2_normalize", action="store_true",
              help="L2-normalise each modality's vector before concatenating")

@@ -112,6 +112,29 @@ def test_reuse_embeds_only_what_changed_and_equals_a_full_run(fixture_encoders, 
     assert_same_vectors(rows_by_id(str(root / "dt=2")), left)
 
 
+def test_reuse_over_many_chunks_and_buckets_equals_a_full_run(fixture_encoders, tmp_path):
+    """More records than one chunk of the match (transforms.match_ids.CHUNK_RECORDS), ids spread over every
+    bucket, and duplicate ids far apart in the manifest, so in other chunks than the record they repeat."""
+    rows = [{"id": f"item-{i}", "text": f"caption {i}", "label": "a"} for i in range(1100)]
+    rows[::50] = [dict(row, image_bytes=corpora.image_bytes(i)) for i, row in enumerate(rows[::50])]
+    duplicates = [{"id": f"item-{i}", "text": f"a repeat of {i}", "label": "b"} for i in range(0, 1100, 37)]
+    night1 = corpora.write_jsonl_manifest(str(tmp_path / "night1"), rows + duplicates)
+    night2_rows = [dict(row, text=f"changed {i}") if i % 40 == 3 else row for i, row in enumerate(rows)]
+    night2_rows += [{"id": f"new-{i}", "text": f"new caption {i}"} for i in range(20)]
+    night2 = corpora.write_jsonl_manifest(str(tmp_path / "night2"), night2_rows + duplicates)
+    root = tmp_path / "root"
+    argv = [*encoders_argv(fixture_encoders), "--max_error_rate", "1"]
+    assert main(["--input", night1, "--output", str(root / "dt=1"), *argv]) == 0
+    reused = run(["--input", night2, "--output", str(root / "dt=2"), "--reuse", str(root / "dt=1"), *argv])
+    full = run(["--input", night2, "--output", str(tmp_path / "full"), *argv])
+    changed = len(range(3, 1100, 40))
+    assert (reused.embedded, reused.embedded_fresh, reused.dead_lettered) == (1120, changed + 20, len(duplicates))
+    assert (full.embedded, full.reused, full.dead_lettered) == (1120, 0, len(duplicates))
+    assert_same_vectors(rows_by_id(str(root / "dt=2")), rows_by_id(str(tmp_path / "full")))
+    assert dead_letter_reasons(str(root / "dt=2")) == dead_letter_reasons(str(tmp_path / "full"))
+    assert {reason for _, _, reason in dead_letter_reasons(str(root / "dt=2"))} == {"duplicate_id"}
+
+
 def dead_letter_reasons(folder: str) -> list[tuple[str, str, str]]:
     dead = pd.read_parquet(os.path.join(folder, layout.DEAD_LETTERS_DIR))
     return sorted(zip(dead["source"], dead["id"].fillna(""), dead["reason"], strict=True))

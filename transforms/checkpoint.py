@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import layout
-from transforms.files import matching_paths
+from transforms.files import matching_files
 
 
-def checkpoint_files(folder: str) -> list[str]:
-    """The whole checkpoint files under `folder` (none if it does not exist)."""
-    return matching_paths(FileSystems.join(folder, "part-*" + layout.PARQUET_SUFFIX))
+def checkpoint_files(folder: str) -> list[tuple[str, int]]:
+    """(path, size in bytes) of the whole checkpoint files under `folder` (none if it does not exist)."""
+    return matching_files(FileSystems.join(folder, "part-*" + layout.PARQUET_SUFFIX))
 
 
 class CheckpointBatches(beam.DoFn):

@@ -227,9 +227,13 @@ def batch_slots(record: Record) -> int:
 
 class EmbedRecords(beam.PTransform):
     """prepared records → (pyarrow Tables of `config.schema`, dead_letters), in batches sized by BatchElements and
-    weighed by `batch_slots`: at most max_batch_size records, fewer when their images are large or texts long."""
+    weighed by `batch_slots`: at most max_batch_size records, fewer when their images are large or texts long.
 
-    def __init__(self, config: EmbedConfig, progress: ProgressLog, min_batch_size: int = 8, max_batch_size: int = 32):
+    Batches are full by default (min_batch_size = max_batch_size): BatchElements adapts a batch's size to how long
+    its consumer takes over it, and EmbedBatch hands a batch to its model thread and returns at once. Left to
+    adapt from 8, the batches of a 2,000-record run stayed at 8 or 9 records."""
+
+    def __init__(self, config: EmbedConfig, progress: ProgressLog, min_batch_size: int = 32, max_batch_size: int = 32):
         super().__init__()
         self._config = config
         self._progress = progress

@@ -22,10 +22,16 @@ def special_kind(mode: int) -> str | None:
     return next((name for is_kind, name in _SPECIAL_FILE_KINDS if is_kind(mode)), "not a regular file")
 
 
-def matching_paths(pattern: str) -> list[str]:
-    """The paths `pattern` matches on any Beam filesystem, sorted; none when nothing matches (some filesystems
-    raise BeamIOError for a pattern under a folder that does not exist)."""
+def matching_files(pattern: str) -> list[tuple[str, int]]:
+    """(path, size in bytes) of each file `pattern` matches on any Beam filesystem, sorted by path; none when
+    nothing matches (some filesystems raise BeamIOError for a pattern under a folder that does not exist)."""
     try:
-        return sorted(m.path for result in FileSystems.match([pattern]) for m in result.metadata_list)
+        return sorted((found.path, found.size_in_bytes)
+                      for result in FileSystems.match([pattern]) for found in result.metadata_list)
     except Exception:
         return []
+
+
+def matching_paths(pattern: str) -> list[str]:
+    """The paths `pattern` matches, sorted (see matching_files)."""
+    return [path for path, _ in matching_files(pattern)]

@@ -4,14 +4,19 @@ unchanged takes a stored row's vectors instead of being prepared and embedded.
 
 Without stored outputs, DropDuplicateIds groups ids alone: a second read of the corpus gives (id, source) pairs,
 the few losers reach the records as a side input, and the records stream on (on the in-process runner, a shuffle
-holds its whole input in memory). With stored outputs, MatchIds shuffles the records themselves by id, beside the
-stored rows:
+holds its whole input in memory). With stored outputs, MatchIds shuffles the records themselves, beside the stored
+rows, in chunks keyed by a bucket of their ids (`id_bucket`), and matches a bucket at a time:
 
-    validated records ──► FingerprintContent ──► group by id ◄── ReadStoredRefs (earlier outputs, checkpoints)
-                                                   │ duplicates ──► dead letters
-                                                   │ unchanged  ──► ((file rank, row group), (record, row))
-                                                   ▼ new or changed
-                                              FetchImages (transforms.image_check)
+    validated records ──► chunks ──► FingerprintChunks ──► group by bucket ◄── ReadStoredRefs (earlier outputs,
+                                                              │                                 checkpoints)
+                                                              │ duplicates ──► dead letters
+                                                              │ unchanged  ──► ((file rank, row group),
+                                                              │                 a chunk of (record, row))
+                                                              ▼ new or changed
+                                                         FetchImages (transforms.image_check)
+
+A shuffle element costs the in-process runner its own Python objects and steps whatever it holds: chunks cut the
+reuse path's cost per record by half (benchmarks/RESULTS.md). Records cross the shuffle as pickled tuples.
 
 Image bytes that can be read again (from a file, not a shard) never cross that shuffle: the records to prepare
 read them again after it. To compare content before the shuffle, FingerprintContent reads each image and hashes it,
@@ -22,38 +27,45 @@ the headers checked before the match, so that a reused record is one tonight's c
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import pickle
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 
 from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import DEAD_LETTER_TAG, RouteOutputs, dead_letter, printable
 from transforms.image_check import ImageRefused, check_image, decoder_bytes, fingerprinted, read_image
-from transforms.reuse import REUSED_TAG, ReadStoredRefs, StoredFile, StoredRef
+from transforms.reuse import REUSED_TAG, ReadStoredRefs, StoredFile, StoredRef, id_bucket
 
 # The image fingerprint of a record whose image could not be read or was refused before the match: no stored row
 # has it, so the record goes on to FetchImages, which judges it again and dead-letters it with the reason.
 UNMATCHABLE = ""
+# Records cross the match's shuffle in chunks, not one by one: on the in-process runner each element of a shuffle
+# costs its own Python objects and steps, and a chunk's images are fingerprinted side by side (FingerprintChunks).
+CHUNK_RECORDS = 512
+STORED_BYTES_PER_BUCKET = 256 * 1024 * 1024  # about 50,000 rows of the default encoders' vectors (match_buckets)
+MIN_BUCKETS = 16
 
 
-# Record's fields in order: a record crosses the shuffle as the pickled tuple of their values (see `to_wire`).
+# Record's fields in order: a record crosses the shuffle as the tuple of their values (see `to_wire`).
 RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(Record))
 
 
-def to_wire(record: Record) -> bytes:
-    """A record as it crosses MatchIds' shuffle. The in-process runner holds a shuffle's values as the Python objects
-    they decode to: as these bytes a record weighed 1.6 KB there instead of 2.0 (measured when the duplicate check
-    shuffled records too, benchmarks/RESULTS.md). Pickle, not Beam's coders: it keeps the surrogate-escaped bytes
-    of odd file names."""
-    return pickle.dumps(tuple(getattr(record, name) for name in RECORD_FIELDS), protocol=pickle.HIGHEST_PROTOCOL)
+def to_wire(record: Record) -> tuple:
+    """A record as it crosses MatchIds' shuffle, in a chunk pickled whole. The in-process runner holds a shuffle's
+    values as the Python objects they decode to: as pickled bytes a record weighed 1.6 KB there instead of 2.0
+    (measured when the duplicate check shuffled records too, benchmarks/RESULTS.md). Pickle, not Beam's coders: it
+    keeps the surrogate-escaped bytes of odd file names."""
+    return tuple(getattr(record, name) for name in RECORD_FIELDS)
 
 
-def from_wire(data: bytes) -> Record:
-    return Record(*pickle.loads(data))
+def from_wire(values: tuple) -> Record:
+    return Record(*values)
 
 
 def natural_key(source: str) -> list:
@@ -100,26 +112,75 @@ def fingerprint_content(record: Record, max_image_bytes: int, max_image_pixels: 
     return fingerprinted(record, data, image_bytes=None if record.image_uri is not None else data)
 
 
-def match_id(records: Iterable[Record], stored: Iterable[StoredRef]) -> Iterator:
-    """One id's records and stored rows → dead letters for all records but the first by source, and the first
-    itself: as a reused match ((rank, row group), (record, row)) to the most preferred stored row of the same
-    content, or as a record to prepare."""
-    ordered = sorted(records, key=lambda record: natural_key(printable(record.source)))
-    if not ordered:
-        return  # gone from the input: gone from the output
-    kept, *others = ordered
-    for other in others:
-        yield duplicate_letter(other, printable(kept.source))
+def match_buckets(stored_bytes: int) -> int:
+    """How many buckets the match shuffles into: a bucket's records and stored rows are held together while it is
+    matched, so one bucket per STORED_BYTES_PER_BUCKET of stored files, and at least MIN_BUCKETS for the workers to
+    share. A chunk of records is cut into a piece per bucket: CHUNK_RECORDS is many times MIN_BUCKETS."""
+    return max(MIN_BUCKETS, -(-stored_bytes // STORED_BYTES_PER_BUCKET))
+
+
+def match_id(records: Sequence[Record], stored: Iterable[StoredRef]) -> tuple[Record, list[DeadLetter],
+                                                                                  StoredRef | None]:
+    """One id's records (at least one) and stored rows → (the first record by source, which is kept; dead letters
+    for the others; the most preferred stored row of the kept record's content, or None when it must be embedded)."""
+    kept, *others = sorted(records, key=lambda record: natural_key(printable(record.source)))
+    duplicates = [duplicate_letter(other, printable(kept.source)) for other in others]
     matching = [ref for ref in stored if ref.matches(kept)]
-    if matching:
-        best = max(matching, key=lambda ref: ref.rank)
-        yield beam.pvalue.TaggedOutput(REUSED_TAG, ((best.rank, best.row_group), (kept, best.row)))
-    else:
-        yield kept
+    return kept, duplicates, max(matching, key=lambda ref: ref.rank) if matching else None
 
 
-def _match_joined(group: tuple[str, dict[str, Iterable]]) -> Iterator:
-    return match_id(map(from_wire, group[1]["record"]), group[1]["stored"])
+def match_bucket(group: tuple[int, dict[str, Iterable[bytes]]]) -> Iterator:
+    """One bucket's chunks of records and of stored rows → its duplicate-id dead letters, its records to prepare,
+    and its reused matches as ((rank, row group), a chunk of (record, row) pairs): one chunk per stored row group,
+    whose vectors CopyStoredVectors then reads once. Ids gone from the input are gone from the output."""
+    stored: dict[str, list[StoredRef]] = collections.defaultdict(list)
+    for chunk in group[1]["stored"]:
+        for row_id, *ref in pickle.loads(chunk):
+            stored[row_id].append(StoredRef(*ref))
+    by_id: dict[str, list[Record]] = collections.defaultdict(list)
+    for chunk in group[1]["record"]:
+        for record in map(from_wire, pickle.loads(chunk)):
+            by_id[record.id].append(record)
+    reused: dict[tuple[int, int], list[tuple[Record, int]]] = collections.defaultdict(list)
+    for row_id, records in by_id.items():
+        kept, duplicates, best = match_id(records, stored.get(row_id, ()))
+        yield from duplicates
+        if best is None:
+            yield kept
+        else:
+            reused[best.rank, best.row_group].append((kept, best.row))
+    for location, pairs in reused.items():
+        yield beam.pvalue.TaggedOutput(REUSED_TAG, (location, pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)))
+
+
+class FingerprintChunks(beam.DoFn):
+    """Chunks of validated records → (bucket, the chunk's records of that bucket, fingerprinted, as pickled wire
+    tuples). The images of a chunk are read and hashed on a few threads: file reads and SHA-256 release the GIL,
+    and nothing else runs on the cores until the match is done."""
+
+    THREADS = 4
+
+    def __init__(self, buckets: int, max_image_bytes: int, header_pixels: int | None):
+        self._buckets = buckets
+        self._max_image_bytes = max_image_bytes
+        self._header_pixels = header_pixels
+        self._pool: ThreadPoolExecutor | None = None
+
+    def setup(self):
+        self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="hubembed-fingerprint")
+
+    def process(self, chunk: list[Record]) -> Iterator[tuple[int, bytes]]:
+        by_bucket: dict[int, list[tuple]] = collections.defaultdict(list)
+        fingerprinted_records = self._pool.map(
+            lambda record: fingerprint_content(record, self._max_image_bytes, self._header_pixels), chunk)
+        for record in fingerprinted_records:
+            by_bucket[id_bucket(record.id, self._buckets)].append(to_wire(record))
+        for bucket, records in by_bucket.items():
+            yield bucket, pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 class DropDuplicateIds(beam.PTransform):
@@ -146,9 +207,9 @@ class DropDuplicateIds(beam.PTransform):
 
 
 class MatchIds(beam.PTransform):
-    """validated records → (records to prepare, reused matches, duplicate-id dead letters): one shuffle of the
-    records by id, with the stored rows of `stored_files` (in preference order, transforms.reuse.preference_order:
-    their ranks are their indexes)."""
+    """validated records → (records to prepare, reused matches, duplicate-id dead letters): the records, in chunks,
+    shuffled by a bucket of their id beside the stored rows of `stored_files` (in preference order,
+    transforms.reuse.preference_order: their ranks are their indexes), and matched a bucket at a time."""
 
     def __init__(self, stored_files: Sequence[StoredFile], max_image_pixels: int, max_image_bytes: int):
         super().__init__()
@@ -157,14 +218,16 @@ class MatchIds(beam.PTransform):
         looser = [file for file in self._stored_files
                   if file.max_image_pixels is None or file.max_image_pixels > max_image_pixels]
         self._header_pixels = max_image_pixels if looser else None
+        self._buckets = match_buckets(sum(file.size_bytes for file in self._stored_files))
 
     def expand(self, records):
-        keyed = records | "FingerprintContent" >> beam.Map(
-            lambda record, size, pixels: (record.id, to_wire(fingerprint_content(record, size, pixels))),
-            self._max_image_bytes, self._header_pixels)
-        stored = records.pipeline | "ReadStoredRefs" >> ReadStoredRefs(self._stored_files)
+        keyed = (records
+                 | "Chunks" >> beam.BatchElements(min_batch_size=CHUNK_RECORDS, max_batch_size=CHUNK_RECORDS)
+                 | "FingerprintContent" >> beam.ParDo(FingerprintChunks(self._buckets, self._max_image_bytes,
+                                                                        self._header_pixels)))
+        stored = records.pipeline | "ReadStoredRefs" >> ReadStoredRefs(self._stored_files, self._buckets)
         outputs = ({"record": keyed, "stored": stored}
-                   | "GroupById" >> beam.CoGroupByKey()
-                   | "Match" >> beam.ParDo(RouteOutputs(_match_joined)).with_outputs(
+                   | "GroupByBucket" >> beam.CoGroupByKey()
+                   | "Match" >> beam.ParDo(RouteOutputs(match_bucket)).with_outputs(
                        REUSED_TAG, DEAD_LETTER_TAG, main="records"))
         return outputs.records, outputs[REUSED_TAG], outputs[DEAD_LETTER_TAG]

@@ -13,9 +13,12 @@ row group, each group's vectors read from Parquet once and taken into the output
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import pickle
 import posixpath
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -30,7 +33,7 @@ from schemas import embeddings as cols
 from schemas import layout
 from schemas.records import Record
 from transforms.dead_letters import METRICS_NAMESPACE, RECORDS_EMBEDDED
-from transforms.files import matching_paths
+from transforms.files import matching_files, matching_paths
 from transforms.image_check import sha256_hex
 from transforms.rows import record_columns
 
@@ -61,11 +64,12 @@ class StoredFile(NamedTuple):
     path: str
     origin: str  # ORIGIN_REUSE or ORIGIN_CHECKPOINT
     max_image_pixels: int | None  # None for files written before the limit was recorded
+    size_bytes: int  # what sizes the match's shuffle (transforms.match_ids.match_buckets)
 
 
-def _stored_file(path: str, origin: str, metadata: Mapping[str, str]) -> StoredFile:
+def _stored_file(path: str, size_bytes: int, origin: str, metadata: Mapping[str, str]) -> StoredFile:
     limit = metadata.get(cols.META_MAX_IMAGE_PIXELS)
-    return StoredFile(path, origin, int(limit) if limit else None)
+    return StoredFile(path, origin, int(limit) if limit else None, size_bytes)
 
 
 def _file_metadata(path: str) -> dict[str, str]:
@@ -84,27 +88,29 @@ def find_reusable_files(patterns: Sequence[str], key: str) -> list[StoredFile]:
         if not folders:
             log.warning("--reuse %s names no published output (no _SUCCESS): nothing reused from it", pattern)
         for folder in folders:
-            paths = matching_paths(FileSystems.join(folder, layout.EMBEDDINGS_PREFIX + "-*" + layout.PARQUET_SUFFIX))
-            if not paths:
+            found_files = matching_files(FileSystems.join(folder, layout.EMBEDDINGS_PREFIX + "-*" +
+                                                          layout.PARQUET_SUFFIX))
+            if not found_files:
                 continue
-            metadata = _file_metadata(paths[0])  # a run's files share their metadata
+            metadata = _file_metadata(found_files[0][0])  # a run's files share their metadata
             found = metadata.get(cols.META_REUSE_KEY)
             if found != key:
                 why = "has no content fingerprints (written before reuse existed)" if found is None else \
                     "was embedded with other encoders, preprocessing, L2 setting or storage"
                 raise ReuseConfigError(f"--reuse {folder} {why}: its vectors cannot be reused by this run; "
                                        "drop it from --reuse")
-            files += [_stored_file(path, ORIGIN_REUSE, metadata) for path in paths]
+            files += [_stored_file(path, size, ORIGIN_REUSE, metadata) for path, size in found_files]
     return sorted(set(files))
 
 
-def usable_checkpoints(paths: Sequence[str], key: str) -> list[StoredFile]:
-    """A killed run's checkpoint files that this run can take back: those made with the same reuse key."""
-    metadata = {path: _file_metadata(path) for path in paths}
-    usable = [_stored_file(path, ORIGIN_CHECKPOINT, metadata[path]) for path in paths
+def usable_checkpoints(files: Sequence[tuple[str, int]], key: str) -> list[StoredFile]:
+    """A killed run's checkpoint files (path, size in bytes) that this run can take back: those made with the same
+    reuse key."""
+    metadata = {path: _file_metadata(path) for path, _ in files}
+    usable = [_stored_file(path, size, ORIGIN_CHECKPOINT, metadata[path]) for path, size in files
               if metadata[path].get(cols.META_REUSE_KEY) == key]
-    if len(usable) < len(paths):
-        log.info("ignoring %d checkpoint files of a run with other settings", len(paths) - len(usable))
+    if len(usable) < len(files):
+        log.info("ignoring %d checkpoint files of a run with other settings", len(files) - len(usable))
     return usable
 
 
@@ -132,8 +138,15 @@ def preference_order(files: Sequence[StoredFile]) -> list[StoredFile]:
 _REF_COLUMNS = (cols.ID, cols.IMAGE_SHA256, cols.TEXT_SHA256)
 
 
-def read_stored_refs(rank: int, path: str) -> Iterator[tuple[str, StoredRef]]:
-    """(id, StoredRef) for every row of one output file, read a row group at a time, vectors left unread."""
+def id_bucket(record_id: str, buckets: int) -> int:
+    """The bucket of an id in transforms.match_ids' shuffle, the same in every process (Python's own str hash is
+    salted per process): records and stored rows of one id meet in one bucket."""
+    return zlib.crc32(record_id.encode("utf-8")) % buckets
+
+
+def read_stored_refs(rank: int, path: str, buckets: int) -> Iterator[tuple[int, bytes]]:
+    """The rows of one output file, read a row group at a time with their vectors left unread → for each bucket of
+    each row group, (bucket, the pickled list of its rows' (id, *StoredRef))."""
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
@@ -142,21 +155,25 @@ def read_stored_refs(rank: int, path: str) -> Iterator[tuple[str, StoredRef]]:
             ids = table.column(cols.ID).to_pylist()
             image, text = ([None] * len(ids) if name not in names else table.column(name).to_pylist()
                            for name in (cols.IMAGE_SHA256, cols.TEXT_SHA256))
+            by_bucket: dict[int, list[tuple]] = collections.defaultdict(list)
             for row, row_id in enumerate(ids):
-                yield row_id, StoredRef(image[row], text[row], rank, row_group, row)
+                by_bucket[id_bucket(row_id, buckets)].append((row_id, image[row], text[row], rank, row_group, row))
+            for bucket, refs in by_bucket.items():
+                yield bucket, pickle.dumps(refs, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class ReadStoredRefs(beam.PTransform):
-    """Output files in preference order → (id, StoredRef)."""
+    """Output files in preference order → (bucket, a pickled chunk of (id, *StoredRef)) (see read_stored_refs)."""
 
-    def __init__(self, files: Sequence[StoredFile]):
+    def __init__(self, files: Sequence[StoredFile], buckets: int):
         super().__init__()
         self._paths = [file.path for file in files]
+        self._buckets = buckets
 
     def expand(self, pipeline):
         return (pipeline
                 | "Files" >> beam.Create(list(enumerate(self._paths)))
-                | "Refs" >> beam.FlatMapTuple(read_stored_refs))
+                | "Refs" >> beam.FlatMap(lambda ranked, buckets: read_stored_refs(*ranked, buckets), self._buckets))
 
 
 class CopyRowGroupVectors(beam.DoFn):
@@ -172,9 +189,9 @@ class CopyRowGroupVectors(beam.DoFn):
         self._resumed = Metrics.counter(METRICS_NAMESPACE, RECORDS_RESUMED)
         self._written = Metrics.counter(METRICS_NAMESPACE, RECORDS_EMBEDDED)  # every output row, fresh or reused
 
-    def process(self, group: tuple[tuple[int, int], Iterable[tuple[Record, int]]]) -> Iterator[pa.Table]:
-        (rank, row_group), pairs = group
-        pairs = list(pairs)
+    def process(self, group: tuple[tuple[int, int], Iterable[bytes]]) -> Iterator[pa.Table]:
+        (rank, row_group), chunks = group
+        pairs: list[tuple[Record, int]] = [pair for chunk in chunks for pair in pickle.loads(chunk)]
         records = [record for record, _ in pairs]
         rows = pa.array([row for _, row in pairs], pa.int64())
         stored_file = self._files[rank]
@@ -191,8 +208,9 @@ class CopyRowGroupVectors(beam.DoFn):
 
 
 class CopyStoredVectors(beam.PTransform):
-    """Reused matches ((file rank, row group), (record, row)) → Tables of the output schema, one per stored row
-    group, the vectors copied from `files` (in preference order, as the matches' ranks)."""
+    """Reused matches ((file rank, row group), a pickled chunk of (record, row) pairs) → Tables of the output
+    schema, one per stored row group, the vectors copied from `files` (in preference order, as the matches'
+    ranks)."""
 
     def __init__(self, files: Sequence[StoredFile], schema: pa.Schema, passthrough: Sequence[str]):
         super().__init__()
