@@ -9,7 +9,6 @@ Images are decoded and resized in TensorFlow, a batch at a time on all the proce
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,7 +17,6 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils import shared
 
 from encoders.hub_module import EncoderSpec, LoadedEncoder
@@ -34,6 +32,7 @@ from transforms.dead_letters import (
     dead_letter,
 )
 from transforms.image_decode import ImageDecoder
+from transforms.in_flight import InFlight, at_end_of_window
 from transforms.report import ProgressLog
 from transforms.rows import record_columns
 
@@ -109,7 +108,7 @@ class EmbedBatch(beam.DoFn):
         self._failure_run: FailureRun | None = None
         self._decoding: ThreadPoolExecutor | None = None
         self._embedding: ThreadPoolExecutor | None = None
-        self._in_flight: collections.deque[Future] = collections.deque()
+        self._in_flight: InFlight[EmbeddedBatch] = InFlight(self.IN_FLIGHT_BATCHES)
 
     def setup(self):
         config = self._config
@@ -128,17 +127,16 @@ class EmbedBatch(beam.DoFn):
             self._model_cache.acquire, lambda: Encoders(config, device), tag=config.cache_tag)
 
     def start_bundle(self):
-        self._in_flight = collections.deque()  # a retried bundle starts with nothing of the failed attempt
+        self._in_flight.clear()
 
     def process(self, batch: list[Record]) -> Iterator:
         decoded = self._decoding.submit(self._decode_images, batch)
-        self._in_flight.append(self._embedding.submit(self._embed_decoded, decoded))
-        while self._in_flight and (len(self._in_flight) > self.IN_FLIGHT_BATCHES or self._in_flight[0].done()):
-            yield from self._emit(self._in_flight.popleft().result())
+        for done in self._in_flight.add(self._embedding.submit(self._embed_decoded, decoded)):
+            yield from self._emit(done)
 
     def finish_bundle(self) -> Iterator:
-        while self._in_flight:
-            yield from self._emit(self._in_flight.popleft().result(), GlobalWindows.windowed_value_at_end_of_window)
+        for done in self._in_flight.drain():
+            yield from self._emit(done, at_end_of_window)
 
     def teardown(self):
         for pool in {self._decoding, self._embedding} - {None}:
