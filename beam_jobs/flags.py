@@ -28,6 +28,16 @@ BEAM_EPILOG = ("Any other flag (--runner, --project, --region, ...) goes to Beam
                "cores for TensorFlow.")
 
 
+def add_batch_flags(group) -> None:
+    """The model batches' bounds, the same flags (and defaults: one process may hold both jobs' options) in every
+    job that runs a model on BatchElements' batches."""
+    add_flag(group, "--batch_size", type=int, default=32, help="largest batch sent through a model")
+    add_flag(group, "--min_batch_size", type=int, default=None,
+             help="smallest batch (default: --batch_size, so every batch is full but a bundle's last); below it, "
+                  "BatchElements adapts by how long the step after it takes, which the embedding job's model "
+                  "thread hides from it")
+
+
 def add_embed_flags(parser: argparse.ArgumentParser) -> None:
     """The embedding job's flags (beam_jobs.embed_corpus)."""
     group = parser.add_argument_group("hubembed embed_corpus")
@@ -59,10 +69,7 @@ def add_embed_flags(parser: argparse.ArgumentParser) -> None:
              help="image height = width fed to the image encoder when its input signature does not "
                   "fix it (default 224)")
     add_flag(group, "--passthrough", default="", help="comma-separated input columns copied to the output")
-    add_flag(group, "--batch_size", type=int, default=32, help="largest batch sent through a model")
-    add_flag(group, "--min_batch_size", type=int, default=None,
-             help="smallest batch (default: --batch_size, so every batch is full but a bundle's last); below "
-                  "it, BatchElements adapts by timings that do not see the model, which runs on a thread of its own")
+    add_batch_flags(group)
     add_flag(group, "--num_shards", type=int, default=0, help="output Parquet files (0: the runner chooses)")
     add_flag(group, "--l2_normalize", action="store_true",
              help="L2-normalise each modality's vector before concatenating")
@@ -142,9 +149,7 @@ def add_predict_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(group, "--output", help="output folder: predictions-*.parquet, _dead_letters/, _run_report.json, "
                                      "then _SUCCESS")
     add_flag(group, "--top_k", type=int, default=3, help="labels (with probabilities) kept per row")
-    add_flag(group, "--batch_size", type=int, default=32, help="largest batch sent through the model")
-    add_flag(group, "--min_batch_size", type=int, default=8,
-             help="smallest batch BatchElements starts from before it adapts upwards")
+    add_batch_flags(group)
     add_flag(group, "--num_shards", type=int, default=0, help="output Parquet files (0: the runner chooses)")
     add_flag(group, "--max_error_rate", type=float, default=0.01,
              help="exit non-zero when dead letters / rows read exceeds this")

@@ -15,8 +15,9 @@ rows, in chunks keyed by a bucket of their ids (`id_bucket`), and matches a buck
                                                               ▼ new or changed
                                                          FetchImages (transforms.image_check)
 
-A shuffle element costs the in-process runner its own Python objects and steps whatever it holds: chunks cut the
-reuse path's cost per record by half (benchmarks/RESULTS.md). Records cross the shuffle as pickled tuples.
+A shuffle element costs the in-process runner its own Python objects and steps whatever it holds: in chunks, a night
+of 20,000 records all reused took 5.5–6.8 s of pipeline instead of 8.8 (benchmarks/RESULTS.md). Records cross the
+shuffle as pickled tuples.
 
 Image bytes that can be read again (from a file, not a shard) never cross that shuffle: the records to prepare
 read them again after it. To compare content before the shuffle, FingerprintContent reads each image and hashes it,

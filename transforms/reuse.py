@@ -115,8 +115,9 @@ def usable_checkpoints(files: Sequence[tuple[str, int]], key: str) -> list[Store
 
 
 class StoredRef(NamedTuple):
-    """Where one stored row lives, and the content it was embedded from: all that crosses the join (the vectors
-    stay in their file until the rows to copy are known, then move as Arrow columns, never as Python objects)."""
+    """Where one stored row lives, and the content it was embedded from: all that crosses the join, as a tuple in a
+    pickled chunk (read_stored_refs). The vectors stay in their file until the rows to copy are known, then move as
+    Arrow columns, never as Python objects."""
 
     image_sha256: str | None
     text_sha256: str | None
