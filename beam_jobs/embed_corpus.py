@@ -194,9 +194,9 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedCorpusOptions, plan: JobPl
         read.again(), use_image=plan.image is not None, use_text=plan.text is not None,
         max_image_pixels=job.max_image_pixels, max_text_chars=job.max_text_chars, max_image_bytes=job.max_image_bytes,
         stored_files=plan.stored_files)
+    min_batch_size, max_batch_size = flags.batch_bounds(job)
     embeddings, unembedded = to_embed | "EmbedRecords" >> EmbedRecords(
-        plan.embed_config, progress, min_batch_size=job.min_batch_size or job.batch_size,
-        max_batch_size=job.batch_size)
+        plan.embed_config, progress, min_batch_size=min_batch_size, max_batch_size=max_batch_size)
     if not job.no_checkpoint:
         embeddings = embeddings | "Checkpoint" >> beam.ParDo(CheckpointBatches(plan.folder.checkpoints))
     staged = plan.folder.staged()

@@ -38,6 +38,11 @@ def add_batch_flags(group) -> None:
                   "thread hides from it")
 
 
+def batch_bounds(job) -> tuple[int, int]:
+    """(smallest, largest) batch from add_batch_flags' flags: --min_batch_size left out is --batch_size."""
+    return (job.batch_size if job.min_batch_size is None else job.min_batch_size), job.batch_size
+
+
 def add_embed_flags(parser: argparse.ArgumentParser) -> None:
     """The embedding job's flags (beam_jobs.embed_corpus)."""
     group = parser.add_argument_group("hubembed embed_corpus")

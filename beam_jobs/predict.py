@@ -66,7 +66,7 @@ def plan_job(job: PredictOptions, runner: str | None = None) -> PredictPlan:
     if runner in REMOTE_RUNNERS and "://" not in job.model:
         raise JobConfigError(f"--model {job.model} is a local folder that {runner} workers cannot read: copy it to "
                              "gs://")
-    if job.top_k < 1 or job.batch_size < 1 or (job.min_batch_size is not None and job.min_batch_size < 1):
+    if job.top_k < 1 or min(flags.batch_bounds(job)) < 1:
         raise JobConfigError("--top_k, --batch_size and --min_batch_size must be at least 1")
     if not 0.0 <= job.max_error_rate <= 1.0:
         raise JobConfigError("--max_error_rate must be between 0 and 1")
@@ -101,8 +101,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: PredictOptions, plan: PredictPl
     predictions, dead_letters = (
         pipeline
         | "EmbeddingFiles" >> beam.Create(list(plan.paths))
-        | "ScoreEmbeddings" >> ScoreEmbeddings(job.model, plan.info, schema, plan.top_k,
-                                               job.min_batch_size or job.batch_size, job.batch_size))
+        | "ScoreEmbeddings" >> ScoreEmbeddings(job.model, plan.info, schema, plan.top_k, *flags.batch_bounds(job)))
     # WriteEmbeddings is the embedding job's batched Parquet sink: it writes any Tables of the schema it is given.
     staged = plan.folder.staged()
     predictions | "WritePredictions" >> WriteEmbeddings(staged[layout.PREDICTIONS_PREFIX], schema, job.num_shards)

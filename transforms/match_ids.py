@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import pickle
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,7 +41,7 @@ from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import DEAD_LETTER_TAG, RouteOutputs, dead_letter, printable
 from transforms.image_check import ImageRefused, check_image, decoder_bytes, fingerprinted, read_image
 from transforms.in_flight import InFlight, at_end_of_window
-from transforms.reuse import REUSED_TAG, ReadStoredRefs, StoredFile, StoredRef, id_bucket
+from transforms.reuse import REUSED_TAG, ReadStoredRefs, StoredFile, StoredRef, id_bucket, pack_chunk, unpack_chunk
 
 # The image fingerprint of a record whose image could not be read or was refused before the match: no stored row
 # has it, so the record goes on to FetchImages, which judges it again and dead-letters it with the reason.
@@ -59,10 +58,9 @@ RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(Record))
 
 
 def to_wire(record: Record) -> tuple:
-    """A record as it crosses MatchIds' shuffle, in a chunk pickled whole. The in-process runner holds a shuffle's
-    values as the Python objects they decode to: as pickled bytes a record weighed 1.6 KB there instead of 2.0
-    (measured when the duplicate check shuffled records too, benchmarks/RESULTS.md). Pickle, not Beam's coders: it
-    keeps the surrogate-escaped bytes of odd file names."""
+    """A record as it crosses MatchIds' shuffle, in a chunk (transforms.reuse.pack_chunk). The in-process runner
+    holds a shuffle's values as the Python objects they decode to: as pickled bytes a record weighed 1.6 KB there
+    instead of 2.0 (measured when the duplicate check shuffled records too, benchmarks/RESULTS.md)."""
     return tuple(getattr(record, name) for name in RECORD_FIELDS)
 
 
@@ -137,11 +135,11 @@ def match_bucket(group: tuple[int, dict[str, Iterable[bytes]]]) -> Iterator:
     whose vectors CopyStoredVectors then reads once. Ids gone from the input are gone from the output."""
     stored: dict[str, list[StoredRef]] = collections.defaultdict(list)
     for chunk in group[1]["stored"]:
-        for row_id, *ref in pickle.loads(chunk):
+        for row_id, *ref in unpack_chunk(chunk):
             stored[row_id].append(StoredRef(*ref))
     by_id: dict[str, list[Record]] = collections.defaultdict(list)
     for chunk in group[1]["record"]:
-        for record in map(from_wire, pickle.loads(chunk)):
+        for record in map(from_wire, unpack_chunk(chunk)):
             by_id[record.id].append(record)
     reused: dict[tuple[int, int], list[tuple[Record, int]]] = collections.defaultdict(list)
     for row_id, records in by_id.items():
@@ -152,7 +150,7 @@ def match_bucket(group: tuple[int, dict[str, Iterable[bytes]]]) -> Iterator:
         else:
             reused[best.rank, best.row_group].append((kept, best.row))
     for location, pairs in reused.items():
-        yield beam.pvalue.TaggedOutput(REUSED_TAG, (location, pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)))
+        yield beam.pvalue.TaggedOutput(REUSED_TAG, (location, pack_chunk(pairs)))
 
 
 class FingerprintChunks(beam.DoFn):
@@ -195,8 +193,7 @@ class FingerprintChunks(beam.DoFn):
         for record in chunk:
             with_fingerprints = fingerprint_content(record, self._max_image_bytes, self._header_pixels)
             by_bucket[id_bucket(record.id, self._buckets)].append(to_wire(with_fingerprints))
-        return [(bucket, pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL))
-                for bucket, records in by_bucket.items()]
+        return [(bucket, pack_chunk(records)) for bucket, records in by_bucket.items()]
 
 
 class DropDuplicateIds(beam.PTransform):

@@ -139,6 +139,16 @@ def preference_order(files: Sequence[StoredFile]) -> list[StoredFile]:
 _REF_COLUMNS = (cols.ID, cols.IMAGE_SHA256, cols.TEXT_SHA256)
 
 
+def pack_chunk(items: list) -> bytes:
+    """A chunk of the match's records, stored rows or reused pairs as it crosses a shuffle: one pickled list, one
+    shuffle element (pickle, not Beam's coders, keeps the surrogate-escaped bytes of odd file names)."""
+    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_chunk(chunk: bytes) -> list:
+    return pickle.loads(chunk)
+
+
 def id_bucket(record_id: str, buckets: int) -> int:
     """The bucket of an id in transforms.match_ids' shuffle, the same in every process (Python's own str hash is
     salted per process): records and stored rows of one id meet in one bucket."""
@@ -160,7 +170,7 @@ def read_stored_refs(rank: int, path: str, buckets: int) -> Iterator[tuple[int, 
             for row, row_id in enumerate(ids):
                 by_bucket[id_bucket(row_id, buckets)].append((row_id, image[row], text[row], rank, row_group, row))
             for bucket, refs in by_bucket.items():
-                yield bucket, pickle.dumps(refs, protocol=pickle.HIGHEST_PROTOCOL)
+                yield bucket, pack_chunk(refs)
 
 
 class ReadStoredRefs(beam.PTransform):
@@ -192,7 +202,7 @@ class CopyRowGroupVectors(beam.DoFn):
 
     def process(self, group: tuple[tuple[int, int], Iterable[bytes]]) -> Iterator[pa.Table]:
         (rank, row_group), chunks = group
-        pairs: list[tuple[Record, int]] = [pair for chunk in chunks for pair in pickle.loads(chunk)]
+        pairs: list[tuple[Record, int]] = [pair for chunk in chunks for pair in unpack_chunk(chunk)]
         records = [record for record, _ in pairs]
         rows = pa.array([row for _, row in pairs], pa.int64())
         stored_file = self._files[rank]
