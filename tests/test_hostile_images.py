@@ -34,6 +34,7 @@ from transforms.image_decode import (
     ImageDecoder,
     decode_and_resize,
     exif_orientation,
+    exif_orientations,
     make_image_decoder,
 )
 
@@ -131,6 +132,24 @@ def test_images_without_orientation_are_left_as_they_are():
     bad_value = Image.Exif()
     bad_value[0x0112] = 9  # not an orientation: ignored, as exif_transpose ignores it
     assert int(exif_orientation(tf.constant(encode(image, "JPEG", exif=bad_value)))) == 1
+
+
+def test_a_batch_reads_each_images_orientation_as_it_reads_it_alone():
+    """The batch decoder walks all its images' segments in one loop: walks that end at different steps (Exif first,
+    after JFIF, after an ICC segment, no Exif, no JPEG) each give that image's orientation and upright pixels."""
+    upright = photo("coffee", (90, 60))
+    images = [jpeg_with_orientation(upright, 6), without_jfif(jpeg_with_orientation(upright, 3)),
+              segment_after_soi(jpeg_with_orientation(upright, 8), 0xE2, b"ICC_PROFILE\0" + bytes(300)),
+              encode(upright, "JPEG", quality=100, subsampling=0), encode(upright, "PNG"),
+              jpeg_with_orientation(upright, 5, exif=little_endian_exif(5))]
+    assert [int(value) for value in exif_orientations(tf.constant(images))] == [6, 3, 8, 1, 1, 5]
+    decoder = ImageDecoder(SIZE)
+    pixels, errors = decoder.decode_batch(images)
+    assert errors == [None] * len(images)
+    reference = upright_reference(upright)
+    for index, data in enumerate(images):
+        np.testing.assert_allclose(pixels[index], decoder(data), atol=1e-6)
+        assert_same_picture(pixels[index], reference)
 
 
 def test_the_serving_graph_turns_images_upright_too():
