@@ -40,6 +40,7 @@ from beam_jobs.launch import (
     pin_direct_runner,
 )
 from encoders.hub_module import EncoderSpec
+from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas import layout
 from schemas import predictions as pred
@@ -62,23 +63,21 @@ from transforms.embeddings_input import (
     embeddings_identity,
     inspect_embeddings,
 )
-from transforms.embeddings_input import read_table as read_embeddings
 from transforms.plots import plot_confusion_matrix, plot_training_curves
 from transforms.predict import prediction_table
 from transforms.read import CorpusConfigError, infer_format, match_patterns
 from transforms.report import counters
-from transforms.serving import FineTunedModel, FrozenFeatureModel, export, head_inputs
+from transforms.serving import FineTunedModel, FrozenFeatureModel, export
 from transforms.split import SPLITS, TEST, TRAIN, VALIDATION, check_ratios, split_of
 from transforms.tft_features import (
-    SPLIT,
+    RowSource,
     SkippedRows,
     analyze_training_split,
     label_vocabulary,
-    labeled_rows,
     load_transform,
-    raw_inputs,
     vector_columns,
 )
+from transforms.training_input import SHUFFLE_ROWS, split_chunks, split_dataset, survey
 
 JOB_NAME = "train_classifier"
 MODEL_DIR, TRANSFORM_DIR = "model", "transform"
@@ -210,12 +209,16 @@ def _split_indices(splits: np.ndarray, label_ids: np.ndarray) -> dict[str, np.nd
     return indices
 
 
+def _test_predictions_schema(model_info: ModelInfo) -> pa.Schema:
+    """The predict job's schema, with the model's identity in its metadata as the predict job writes it."""
+    return pred.predictions_schema({pred.META_MODEL_INFO: json.dumps(model_info.to_dict(), sort_keys=True)})
+
+
 def _write_test_predictions(path: str, ids: np.ndarray, probabilities: np.ndarray, labels: list[str],
                             model_info: ModelInfo) -> np.ndarray:
     """The in-process test-split predictions, in the predict job's schema; returns the predicted label ids."""
-    metadata = {pred.META_MODEL_INFO: json.dumps(model_info.to_dict(), sort_keys=True)}
     table = prediction_table(list(ids), probabilities, labels, top_k=min(3, len(labels)),
-                             schema=pred.predictions_schema(metadata))
+                             schema=_test_predictions_schema(model_info))
     with FileSystems.create(path) as handle:
         pq.write_table(table, handle)
     return probabilities.argmax(axis=1)
@@ -250,51 +253,68 @@ def _log_non_finite(skipped: SkippedRows, features: str) -> None:
                     by_split, ", ".join(ids[:5]))
 
 
+def _write_streamed_test_predictions(path: str, model: FrozenFeatureModel, source: RowSource, labels: list[str],
+                                     model_info: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The test split scored through the serving path a record batch at a time, each batch's predictions appended
+    to the predict job's schema; returns (true label ids, predicted label ids)."""
+    schema = _test_predictions_schema(model_info)
+    true_ids, predicted_ids = [], []
+    with FileSystems.create(path) as handle, pq.ParquetWriter(handle, schema) as writer:
+        for inputs, label_ids, ids in split_chunks(source, TEST, labels):
+            probabilities = model.probabilities({name: tf.constant(values) for name, values in inputs.items()})
+            writer.write_table(prediction_table(list(ids), probabilities, labels, top_k=min(3, len(labels)),
+                                                schema=schema))
+            true_ids.append(label_ids)
+            predicted_ids.append(probabilities.argmax(axis=1))
+    return np.concatenate(true_ids), np.concatenate(predicted_ids)
+
+
 def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
-    """Embeddings Parquet → tf.Transform analysis → head → serving model and report."""
+    """Embeddings Parquet → tf.Transform analysis → head → serving model and report, every pass streaming the rows
+    a record batch at a time (transforms.training_input): memory holds the model and bounded buffers, not rows."""
     started = time.perf_counter()
     embeddings = plan.embeddings
+    source = RowSource(tuple(embeddings.paths), job.features, embeddings.dims, job.validation_ratio, job.test_ratio)
     # Analyze: the full pass over the training split, on Beam; writes transform/ beside the model.
     temp_location = options.view_as(GoogleCloudOptions).temp_location
-    analyze_training_split(embeddings.paths, job.features, embeddings.dims, job.validation_ratio, job.test_ratio,
-                           plan.top_k, plan.frequency_threshold, plan.outputs["transform"], options,
+    analyze_training_split(source, plan.top_k, plan.frequency_threshold, plan.outputs["transform"], options,
                            temp_dir=FileSystems.join(temp_location, "hubembed-tft") if temp_location else None)
     transform = load_transform(plan.outputs["transform"])
     labels = label_vocabulary(transform)
     if len(labels) < 2:
         raise JobConfigError(f"the training split has {len(labels)} label(s) after --top_k_labels / "
                              "--label_frequency_threshold: a classifier needs at least 2")
-    # Read and prepare in memory: the head trains on every row at once (embeddings are small next to images).
-    table = read_embeddings(embeddings.paths, (cols.ID, cols.LABEL, *FEATURE_COLUMNS[job.features]))
-    rows, skipped = labeled_rows(table, job.features, embeddings.dims, job.validation_ratio, job.test_ratio)
-    _log_non_finite(skipped, job.features)
-    label_ids = _label_ids(rows[cols.LABEL], labels)
-    split = _split_indices(rows[SPLIT], label_ids)
-    # Transform: the very layer the serving model embeds.
+    counts = survey(source)
+    _log_non_finite(counts.skipped, job.features)
+    for name in SPLITS:
+        if not counts.kept(name, labels):
+            raise JobConfigError(f"the {name} split is empty: use more labeled rows or change --validation_ratio / "
+                                 "--test_ratio")
+    # Train on the transform's outputs: the very layer the serving model embeds.
     set_seed(plan.head.seed)
     transform_layer = transform.transform_features_layer()
     head = build_head(len(labels), plan.head)
     model = FrozenFeatureModel(transform_layer, head, labels, job.features, embeddings.dims)
-    def head_input(name: str) -> np.ndarray:
-        return head_inputs(transform_layer(raw_inputs(rows, job.features, split[name]))).numpy()
+
+    def batches(name: str, shuffle_rows: int = 0):
+        return split_dataset(source, name, labels, transform_layer, plan.head.batch_size, shuffle_rows,
+                             plan.head.seed)
 
     modality_dims = [embeddings.dims[column] for column in vector_columns(job.features)]
-    training = fit(with_modality_dropout(head, modality_dims, plan.head), (head_input(TRAIN), label_ids[split[TRAIN]]),
-                   (head_input(VALIDATION), label_ids[split[VALIDATION]]), plan.head, plan.head.learning_rate,
-                   class_weight_for(plan.head, label_ids[split[TRAIN]], len(labels)))
+    training = fit(with_modality_dropout(head, modality_dims, plan.head), batches(TRAIN, SHUFFLE_ROWS),
+                   batches(VALIDATION), plan.head, plan.head.learning_rate,
+                   class_weight_for(plan.head, counts.class_counts(labels)))
     # Evaluate through the serving path (transform layer + head), then export.
     info = ModelInfo(mode=plan.mode, features=job.features, labels=labels,
                      inputs={name: embeddings.dims.get(name, 0) for name in FEATURE_COLUMNS[job.features]},
                      encoder_identity=embeddings.identity)
-    probabilities = model.probabilities(raw_inputs(rows, job.features, split[TEST]))
     export(model, plan.outputs["model"], info)
-    predicted = _write_test_predictions(plan.outputs["test_predictions"], rows[cols.ID][split[TEST]], probabilities,
-                                        labels, info)
-    counts = {"read": table.num_rows, **skipped.counts(),
-              "skipped_label_not_in_vocabulary": int((label_ids < 0).sum()),
-              **{name: len(split[name]) for name in SPLITS}}
-    return _finish(plan, job, labels, counts, label_ids[split[TEST]], predicted, training, started,
-                   embeddings.metadata)
+    true_ids, predicted = _write_streamed_test_predictions(plan.outputs["test_predictions"], model, source, labels,
+                                                           info)
+    rows = {"read": counts.read, **counts.skipped.counts(),
+            "skipped_label_not_in_vocabulary": counts.outside(labels),
+            **{name: counts.kept(name, labels) for name in SPLITS}}
+    return _finish(plan, job, labels, rows, true_ids, predicted, training, started, embeddings.metadata)
 
 
 def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
@@ -331,7 +351,7 @@ def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: Pipe
     set_seed(plan.head.seed)
     model = fine_tune.build_fine_tune_model(plan.image, plan.text, len(labels), plan.head, part(TRAIN))
     train, validation = (part(TRAIN), label_ids[split[TRAIN]]), (part(VALIDATION), label_ids[split[VALIDATION]])
-    class_weight = class_weight_for(plan.head, label_ids[split[TRAIN]], len(labels))
+    class_weight = class_weight_for(plan.head, np.bincount(label_ids[split[TRAIN]], minlength=len(labels)))
     # Keras's transfer-learning recipe: first the new head on frozen encoders (at --learning_rate), so that the
     # low-rate fine-tuning starts from a head that already works instead of pushing random gradients into the
     # pretrained weights; then everything at --fine_tune_learning_rate.

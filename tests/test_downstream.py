@@ -154,7 +154,7 @@ def test_metrics_and_class_weights_by_hand():
     assert [m.precision for m in metrics.per_class] == pytest.approx([0.5, 2 / 3, 0.0])
     assert [m.recall for m in metrics.per_class] == pytest.approx([0.5, 1.0, 0.0])
     assert metrics.macro_f1 == pytest.approx((0.5 + 0.8 + 0.0) / 3, abs=1e-6)
-    assert balanced_class_weights(np.array([0, 0, 0, 1]), 2) == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
+    assert balanced_class_weights(np.array([3, 1])) == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
 
 
 # --- serving ---------------------------------------------------------------------------------------------------

@@ -101,26 +101,34 @@ def with_modality_dropout(head: tf_keras.Model, dims: list[int], config: HeadCon
     return tf_keras.Model(inputs, head(dropout(inputs)), name="training_model")
 
 
-def balanced_class_weights(label_ids: np.ndarray, n_classes: int) -> dict[int, float]:
+def balanced_class_weights(class_counts: np.ndarray) -> dict[int, float]:
     """n_rows / (n_classes * rows of the class), as scikit-learn's 'balanced': rare labels weigh more."""
-    counts = np.bincount(label_ids, minlength=n_classes).astype(np.float64)
-    return {index: float(len(label_ids) / (n_classes * count)) if count else 0.0 for index, count in enumerate(counts)}
+    counts = np.asarray(class_counts, np.float64)
+    total, n_classes = counts.sum(), len(counts)
+    return {index: float(total / (n_classes * count)) if count else 0.0 for index, count in enumerate(counts)}
 
 
-def class_weight_for(config: HeadConfig, train_label_ids: np.ndarray, n_classes: int) -> dict[int, float] | None:
-    return balanced_class_weights(train_label_ids, n_classes) if config.class_weights == "balanced" else None
+def class_weight_for(config: HeadConfig, class_counts: np.ndarray) -> dict[int, float] | None:
+    """The training split's rows per class (in the label vocabulary's order) → Keras' class_weight, or None."""
+    return balanced_class_weights(class_counts) if config.class_weights == "balanced" else None
 
 
-def fit(model: tf_keras.Model, train: tuple, validation: tuple, config: HeadConfig, learning_rate: float,
-        class_weight: dict[int, float] | None = None) -> dict:
-    """Train with Adam and early stopping on validation loss (best weights restored); returns the run's summary."""
+def fit(model: tf_keras.Model, train: tuple | tf.data.Dataset, validation: tuple | tf.data.Dataset,
+        config: HeadConfig, learning_rate: float, class_weight: dict[int, float] | None = None) -> dict:
+    """Train with Adam and early stopping on validation loss (best weights restored); returns the run's summary.
+    `train` and `validation` are (inputs, label ids) in memory, or datasets of batches of them (already batched and
+    shuffled: transforms.training_input)."""
     model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     stopper = tf_keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
                                                restore_best_weights=True)
-    history = model.fit(train[0], train[1], validation_data=validation, epochs=config.epochs,
-                        batch_size=config.batch_size, class_weight=class_weight, callbacks=[stopper], verbose=0,
-                        shuffle=True)
+    if isinstance(train, tf.data.Dataset):
+        history = model.fit(train, validation_data=validation, epochs=config.epochs, class_weight=class_weight,
+                            callbacks=[stopper], verbose=0)
+    else:
+        history = model.fit(train[0], train[1], validation_data=validation, epochs=config.epochs,
+                            batch_size=config.batch_size, class_weight=class_weight, callbacks=[stopper], verbose=0,
+                            shuffle=True)
     losses = history.history["val_loss"]
     return {
         "epochs_run": len(losses),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -26,7 +26,8 @@ from encoders.runtime import tf
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.analyzers import get_empy_vocabulary_dummy_value
-from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+from tensorflow_metadata.proto.v0 import schema_pb2
+from tfx_bsl.public import tfxio
 
 # isort: on
 from schemas import embeddings as cols
@@ -42,17 +43,6 @@ SPLIT = "split"  # not a tf.Transform feature: the split of each row read in mem
 
 def vector_columns(features: str) -> tuple[str, ...]:
     return tuple(name for name in FEATURE_COLUMNS[features] if name in VECTOR_COLUMNS)
-
-
-def raw_feature_spec(features: str, dims: dict[str, int], with_label: bool = True) -> dict:
-    """The raw inputs of the transform graph: the vectors, their masks as 0/1 floats, and the label."""
-    spec = {}
-    for column in vector_columns(features):
-        spec[column] = tf.io.FixedLenFeature([dims[column]], tf.float32)
-        spec[MASK_OF[column]] = tf.io.FixedLenFeature([], tf.float32)
-    if with_label:
-        spec[cols.LABEL] = tf.io.FixedLenFeature([], tf.string)
-    return spec
 
 
 def make_preprocessing_fn(features: str, top_k: int | None, frequency_threshold: int | None) -> Callable:
@@ -87,6 +77,17 @@ class SkippedRows:
     missing_modality: int = 0
     non_finite: dict[str, list[str]] = dataclasses.field(
         default_factory=lambda: {split: [] for split in SPLITS})  # split → ids of rows with NaN / inf vectors
+
+    @property
+    def total(self) -> int:
+        return self.unlabeled + self.missing_modality + sum(len(ids) for ids in self.non_finite.values())
+
+    def add(self, other: SkippedRows) -> None:
+        """Count `other`'s rows too (the rows of one more record batch)."""
+        self.unlabeled += other.unlabeled
+        self.missing_modality += other.missing_modality
+        for split, ids in other.non_finite.items():
+            self.non_finite[split] += ids
 
     def counts(self) -> dict[str, int]:
         """The training report's `rows` entries: skipped_non_finite in total and per split."""
@@ -128,33 +129,77 @@ def labeled_rows(table: pa.Table, features: str, dims: dict[str, int], validatio
     return rows, skipped
 
 
-def training_instances(path: str, features: str, dims: dict[str, int], validation_ratio: float,
-                       test_ratio: float) -> Iterator[dict]:
-    """One embeddings file → tf.Transform instance dicts of its labeled training-split rows."""
-    needed = (cols.ID, cols.LABEL, *FEATURE_COLUMNS[features])
-    spec_names = raw_feature_spec(features, dims)
-    for table in iter_tables(path, needed):
-        rows, _ = labeled_rows(table, features, dims, validation_ratio, test_ratio)
-        for index in np.flatnonzero(rows[SPLIT] == TRAIN):
-            yield {name: (rows[name][index].encode("utf-8") if name == cols.LABEL else rows[name][index])
-                   for name in spec_names}
+@dataclasses.dataclass(frozen=True)
+class RowSource:
+    """Where a classifier's rows come from and how they are judged: the files, the features, the split ratios."""
+
+    paths: tuple[str, ...]
+    features: str
+    dims: dict[str, int]
+    validation_ratio: float
+    test_ratio: float
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (cols.ID, cols.LABEL, *FEATURE_COLUMNS[self.features])
+
+    @property
+    def raw_names(self) -> tuple[str, ...]:
+        """The transform layer's inputs: each vector column and its mask (the label is not one: as at serving)."""
+        return tuple(name for column in vector_columns(self.features) for name in (column, MASK_OF[column]))
+
+    def labeled_chunks(self) -> Iterator[tuple[dict[str, np.ndarray], SkippedRows]]:
+        """`labeled_rows` of each record batch of each file, in file order: one record batch in memory at a time."""
+        for path in self.paths:
+            for table in iter_tables(path, self.columns):
+                yield labeled_rows(table, self.features, self.dims, self.validation_ratio, self.test_ratio)
 
 
-def analyze_training_split(paths: Sequence[str], features: str, dims: dict[str, int], validation_ratio: float,
-                           test_ratio: float, top_k: int | None, frequency_threshold: int | None,
+def _list_array(values: np.ndarray) -> pa.ListArray:
+    """[rows, d] (or [rows]) values → a list column of d (or 1) values a row: the dense tensor layout of TFXIO."""
+    width = values.shape[1] if values.ndim == 2 else 1
+    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32) * width)
+    flat = pa.array(values.reshape(-1), pa.binary() if values.dtype == object else pa.float32())
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def training_record_batches(path: str, source: RowSource) -> Iterator[pa.RecordBatch]:
+    """One embeddings file → its labeled training-split rows, as RecordBatches of `tensor_adapter_config`'s layout."""
+    for rows, _ in dataclasses.replace(source, paths=(path,)).labeled_chunks():
+        train = rows[SPLIT] == TRAIN
+        if train.any():
+            labels = np.array([label.encode("utf-8") for label in rows[cols.LABEL][train]], object)
+            columns = {name: _list_array(rows[name][train]) for name in source.raw_names}
+            yield pa.record_batch({**columns, cols.LABEL: _list_array(labels)})
+
+
+def tensor_adapter_config(source: RowSource) -> tfxio.TensorAdapterConfig:
+    """The Arrow layout of training_record_batches, and the dense tensors TFXIO makes of it for tf.Transform."""
+
+    def dense(name: str, dim: int | None) -> schema_pb2.TensorRepresentation:
+        shape = schema_pb2.FixedShape(dim=[schema_pb2.FixedShape.Dim(size=dim)] if dim else [])
+        return schema_pb2.TensorRepresentation(
+            dense_tensor=schema_pb2.TensorRepresentation.DenseTensor(column_name=name, shape=shape))
+
+    fields = [pa.field(name, pa.list_(pa.float32())) for name in source.raw_names]
+    schema = pa.schema([*fields, pa.field(cols.LABEL, pa.list_(pa.binary()))])
+    representations = {name: dense(name, source.dims.get(name)) for name in source.raw_names}
+    representations[cols.LABEL] = dense(cols.LABEL, None)
+    return tfxio.TensorAdapterConfig(schema, representations)
+
+
+def analyze_training_split(source: RowSource, top_k: int | None, frequency_threshold: int | None,
                            transform_output_dir: str, pipeline_options=None, temp_dir: str | None = None) -> None:
-    """Run the analysis as a Beam pipeline and write `transform_output_dir` (transform_fn/, transformed_metadata/)."""
-    metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(
-        raw_feature_spec(features, dims)))
+    """Run the analysis as a Beam pipeline over the training split's record batches (TFXIO), and write
+    `transform_output_dir` (transform_fn/, transformed_metadata/)."""
     with tempfile.TemporaryDirectory(prefix="hubembed-tft-") as local_temp:
         with beam.Pipeline(options=pipeline_options) as pipeline, tft_beam.Context(temp_dir=temp_dir or local_temp):
-            instances = (pipeline
-                         | "EmbeddingFiles" >> beam.Create(list(paths))
-                         | "TrainingRows" >> beam.FlatMap(training_instances, features, dims, validation_ratio,
-                                                          test_ratio))
-            transform_fn = ((instances, metadata)
+            record_batches = (pipeline
+                              | "EmbeddingFiles" >> beam.Create(list(source.paths))
+                              | "TrainingRows" >> beam.FlatMap(training_record_batches, source))
+            transform_fn = ((record_batches, tensor_adapter_config(source))
                             | "Analyze" >> tft_beam.AnalyzeDataset(
-                                make_preprocessing_fn(features, top_k, frequency_threshold)))
+                                make_preprocessing_fn(source.features, top_k, frequency_threshold)))
             _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_output_dir)
 
 
