@@ -285,6 +285,8 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
         raise JobConfigError(f"the training split has {len(labels)} label(s) after --top_k_labels / "
                              "--label_frequency_threshold: a classifier needs at least 2")
     counts = survey(source)
+    log.info("%d rows read, %d labels; training on %d rows, validating on %d, testing on %d", counts.read,
+             len(labels), *(counts.kept(name, labels) for name in SPLITS))
     _log_non_finite(counts.skipped, job.features)
     for name in SPLITS:
         if not counts.kept(name, labels):
@@ -308,6 +310,7 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
     info = ModelInfo(mode=plan.mode, features=job.features, labels=labels,
                      inputs={name: embeddings.dims.get(name, 0) for name in FEATURE_COLUMNS[job.features]},
                      encoder_identity=embeddings.identity)
+    log.info("trained %d epochs (best %d); scoring the test split", training["epochs_run"], training["best_epoch"])
     export(model, plan.outputs["model"], info)
     true_ids, predicted = _write_streamed_test_predictions(plan.outputs["test_predictions"], model, source, labels,
                                                            info)

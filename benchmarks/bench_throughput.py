@@ -47,7 +47,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,13 +60,13 @@ import apache_beam as beam  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
+from benchmarks.measure import run_measured  # noqa: E402
 from benchmarks.photo_corpus import caption, photo_jpeg, source_photos, write_photo_corpus  # noqa: E402
 from encoders import pretrained  # noqa: E402
 from encoders.hub_module import EncoderSpec, LoadedEncoder, probe_encoder, save_reusable_module  # noqa: E402
 from encoders.runtime import tf  # noqa: E402
 from schemas import layout  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("images", "free", "texts", "memory")
 IMAGE_SIZE = 224  # MobileNet V1's input, and the free model's
 BATCH = 32
@@ -380,41 +379,18 @@ def steady_rate(console: str) -> float | None:
     return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
 
 
-# Runs the job and writes the largest max RSS of its processes (KiB) to argv[1]. A separate small process, because
-# Linux carries a process's RSS high-water mark across exec: a job started straight from this benchmark, which holds
-# TensorFlow and models, would report this benchmark's RSS as its own peak.
-PEAK_RSS_WRAPPER = """import resource, subprocess, sys
-code = subprocess.call(sys.argv[2:])
-with open(sys.argv[1], "w") as handle:
-    handle.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
-sys.exit(code)
-"""
-
-
 def run_job(manifest: str, output: str, *flags: str) -> JobRun:
     """`python -m beam_jobs.embed_corpus` on DirectRunner in a child process: its run report, and the peak RSS of
-    its processes (through PEAK_RSS_WRAPPER)."""
+    its processes (benchmarks.measure)."""
     command = [sys.executable, "-m", "beam_jobs.embed_corpus", "--input", manifest, "--output", output,
                "--runner", "DirectRunner", "--progress_interval", "0", *flags]
-    logs, peak_file = output.rstrip("/") + ".log", output.rstrip("/") + ".peak-rss"
-    started = time.perf_counter()
-    with open(logs, "wb") as console:
-        code = subprocess.call([sys.executable, "-c", PEAK_RSS_WRAPPER, peak_file, *command], cwd=REPO,
-                               stdout=console, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - started
-    if code != 0:
-        with open(logs, encoding="utf-8", errors="replace") as handle:
-            tail = "".join(handle.readlines()[-15:])
-        raise RuntimeError(f"the job exited {code}: {' '.join(command)}\n{tail}")
+    measured = run_measured(command, output.rstrip("/") + ".log")
     with open(os.path.join(output, layout.REPORT_NAME), encoding="utf-8") as handle:
         report = json.load(handle)
     if report["dead_lettered"]:
         log(f"  note: {report['dead_lettered']} dead letters {report['dead_lettered_by_reason']}")
-    with open(peak_file, encoding="utf-8") as handle:
-        peak_rss_mb = int(handle.read()) / 1024  # ru_maxrss is in KiB on Linux
-    with open(logs, encoding="utf-8", errors="replace") as handle:
-        steady = steady_rate(handle.read())
-    return JobRun(report["read"], report["seconds"], wall, peak_rss_mb, steady)
+    return JobRun(report["read"], report["seconds"], measured.wall, measured.peak_rss_mb,
+                  steady_rate(measured.console))
 
 
 # --- the report -----------------------------------------------------------------------------------------------------
