@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -68,7 +69,7 @@ from transforms.predict import prediction_table
 from transforms.read import CorpusConfigError, infer_format, match_patterns
 from transforms.report import counters
 from transforms.serving import FineTunedModel, FrozenFeatureModel, export
-from transforms.split import SPLITS, TEST, TRAIN, VALIDATION, check_ratios, split_of
+from transforms.split import SPLITS, TEST, TRAIN, VALIDATION, check_ratios
 from transforms.tft_features import (
     RowSource,
     SkippedRows,
@@ -77,7 +78,7 @@ from transforms.tft_features import (
     load_transform,
     vector_columns,
 )
-from transforms.training_input import SHUFFLE_ROWS, split_chunks, split_dataset, survey
+from transforms.training_input import SHUFFLE_ROWS, Survey, split_chunks, split_dataset, survey
 
 JOB_NAME = "train_classifier"
 MODEL_DIR, TRANSFORM_DIR = "model", "transform"
@@ -194,19 +195,11 @@ def plan_job(job: TrainClassifierOptions, runner: str | None = None, temp_locati
     return TrainPlan("fine_tune", head, outputs, top_k, threshold, input_format=input_format, image=image, text=text)
 
 
-def _label_ids(labels: np.ndarray, vocabulary: list[str]) -> np.ndarray:
-    index = {label: position for position, label in enumerate(vocabulary)}
-    return np.array([index.get(label, -1) for label in labels], np.int64)
-
-
-def _split_indices(splits: np.ndarray, label_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Row indices of each split, rows whose label is outside the vocabulary left out."""
-    indices = {name: np.flatnonzero((splits == name) & (label_ids >= 0)) for name in SPLITS}
-    for name in (TRAIN, VALIDATION, TEST):
-        if not len(indices[name]):
+def _check_splits(counts: Survey, labels: list[str]) -> None:
+    for name in SPLITS:
+        if not counts.kept(name, labels):
             raise JobConfigError(f"the {name} split is empty: use more labeled rows or change --validation_ratio / "
                                  "--test_ratio")
-    return indices
 
 
 def _test_predictions_schema(model_info: ModelInfo) -> pa.Schema:
@@ -214,14 +207,19 @@ def _test_predictions_schema(model_info: ModelInfo) -> pa.Schema:
     return pred.predictions_schema({pred.META_MODEL_INFO: json.dumps(model_info.to_dict(), sort_keys=True)})
 
 
-def _write_test_predictions(path: str, ids: np.ndarray, probabilities: np.ndarray, labels: list[str],
-                            model_info: ModelInfo) -> np.ndarray:
-    """The in-process test-split predictions, in the predict job's schema; returns the predicted label ids."""
-    table = prediction_table(list(ids), probabilities, labels, top_k=min(3, len(labels)),
-                             schema=_test_predictions_schema(model_info))
-    with FileSystems.create(path) as handle:
-        pq.write_table(table, handle)
-    return probabilities.argmax(axis=1)
+def _write_test_predictions(path: str, scored: Iterable[tuple[Sequence[str], np.ndarray, np.ndarray]],
+                            labels: list[str], model_info: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's (ids, probabilities, true label ids), batch after batch, appended to a Parquet file of the
+    predict job's schema; returns (true label ids, predicted label ids)."""
+    schema = _test_predictions_schema(model_info)
+    true_ids, predicted_ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    with FileSystems.create(path) as handle, pq.ParquetWriter(handle, schema) as writer:
+        for ids, probabilities, label_ids in scored:
+            writer.write_table(prediction_table(list(ids), probabilities, labels, top_k=min(3, len(labels)),
+                                                schema=schema))
+            true_ids.append(label_ids)
+            predicted_ids.append(probabilities.argmax(axis=1))
+    return np.concatenate(true_ids), np.concatenate(predicted_ids)
 
 
 def _finish(plan: TrainPlan, job: TrainClassifierOptions, labels: list[str], rows: dict[str, int],
@@ -253,22 +251,6 @@ def _log_non_finite(skipped: SkippedRows, features: str) -> None:
                     by_split, ", ".join(ids[:5]))
 
 
-def _write_streamed_test_predictions(path: str, model: FrozenFeatureModel, source: RowSource, labels: list[str],
-                                     model_info: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
-    """The test split scored through the serving path a record batch at a time, each batch's predictions appended
-    to the predict job's schema; returns (true label ids, predicted label ids)."""
-    schema = _test_predictions_schema(model_info)
-    true_ids, predicted_ids = [], []
-    with FileSystems.create(path) as handle, pq.ParquetWriter(handle, schema) as writer:
-        for inputs, label_ids, ids in split_chunks(source, TEST, labels):
-            probabilities = model.probabilities({name: tf.constant(values) for name, values in inputs.items()})
-            writer.write_table(prediction_table(list(ids), probabilities, labels, top_k=min(3, len(labels)),
-                                                schema=schema))
-            true_ids.append(label_ids)
-            predicted_ids.append(probabilities.argmax(axis=1))
-    return np.concatenate(true_ids), np.concatenate(predicted_ids)
-
-
 def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
     """Embeddings Parquet → tf.Transform analysis → head → serving model and report, every pass streaming the rows
     a record batch at a time (transforms.training_input): memory holds the model and bounded buffers, not rows."""
@@ -288,10 +270,7 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
     log.info("%d rows read, %d labels; training on %d rows, validating on %d, testing on %d", counts.read,
              len(labels), *(counts.kept(name, labels) for name in SPLITS))
     _log_non_finite(counts.skipped, job.features)
-    for name in SPLITS:
-        if not counts.kept(name, labels):
-            raise JobConfigError(f"the {name} split is empty: use more labeled rows or change --validation_ratio / "
-                                 "--test_ratio")
+    _check_splits(counts, labels)
     # Train on the transform's outputs: the very layer the serving model embeds.
     set_seed(plan.head.seed)
     transform_layer = transform.transform_features_layer()
@@ -312,8 +291,9 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
                      encoder_identity=embeddings.identity)
     log.info("trained %d epochs (best %d); scoring the test split", training["epochs_run"], training["best_epoch"])
     export(model, plan.outputs["model"], info)
-    true_ids, predicted = _write_streamed_test_predictions(plan.outputs["test_predictions"], model, source, labels,
-                                                           info)
+    scored = ((ids, model.probabilities({name: tf.constant(values) for name, values in inputs.items()}), label_ids)
+              for inputs, label_ids, ids in split_chunks(source, TEST, labels))
+    true_ids, predicted = _write_test_predictions(plan.outputs["test_predictions"], scored, labels, info)
     rows = {"read": counts.read, **counts.skipped.counts(),
             "skipped_label_not_in_vocabulary": counts.outside(labels),
             **{name: counts.kept(name, labels) for name in SPLITS}}
@@ -321,7 +301,9 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
 
 
 def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
-    """Raw corpus → records (read + prepare on Beam) → trainable encoders + head → serving model and report."""
+    """Raw corpus → records (read + prepare on Beam) → trainable encoders + head → serving model and report. The
+    records stream from the pipeline's files a batch at a time, decoded batch by batch: memory holds the model and
+    bounded buffers, not the corpus."""
     started = time.perf_counter()
     use_image, use_text = plan.image is not None, plan.text is not None
     temp_location = options.view_as(GoogleCloudOptions).temp_location
@@ -332,29 +314,40 @@ def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: Pipe
                                          job.max_image_pixels, records_prefix, plan.outputs["dead_letters"])
         result = pipeline.run()
         result.wait_until_finish()
-        table = fine_tune.read_records(records_prefix)
-    totals = counters(result)
-    labels_column = table.column(cols.LABEL).to_pylist()
-    labeled = np.array([label is not None and label.strip() != "" for label in labels_column], bool)
-    table = table.filter(pa.array(labeled))
-    ids = np.array(table.column(cols.ID).to_pylist(), object)
-    row_labels = np.array(table.column(cols.LABEL).to_pylist(), object)
-    splits = np.array([split_of(row_id, job.validation_ratio, job.test_ratio) for row_id in ids], object)
-    labels = fine_tune.label_vocabulary(list(row_labels[splits == TRAIN]), plan.top_k, plan.frequency_threshold)
+        paths = fine_tune.records_files(records_prefix)
+        try:
+            return _fine_tune_on(paths, plan, job, counters(result), started)
+        finally:
+            if paths:
+                FileSystems.delete(paths)
+
+
+def _fine_tune_on(paths: list[str], plan: TrainPlan, job: TrainClassifierOptions, totals: dict[str, int],
+                  started: float) -> TrainingReport:
+    use_image, use_text = plan.image is not None, plan.text is not None
+    source = fine_tune.RecordsSource(tuple(paths), job.validation_ratio, job.test_ratio, use_image, use_text,
+                                     plan.image.image_size if plan.image else None)
+    counts = source.survey()
+    labels = fine_tune.label_vocabulary(list(counts.labels[TRAIN].elements()), plan.top_k, plan.frequency_threshold)
     if len(labels) < 2:
         raise JobConfigError(f"the training split has {len(labels)} label(s): a classifier needs at least 2")
-    label_ids = _label_ids(row_labels, labels)
-    split = _split_indices(splits, label_ids)
-    image_size = plan.image.image_size if plan.image else None
-    inputs = fine_tune.model_inputs(table, image_size, use_image, use_text)
+    _check_splits(counts, labels)
+    log.info("%d records read, %d labels; training on %d records, validating on %d, testing on %d", counts.read,
+             len(labels), *(counts.kept(name, labels) for name in SPLITS))
 
-    def part(name: str) -> dict[str, np.ndarray]:
-        return {key: value[split[name]] for key, value in inputs.items()}
+    def batches(name: str, shuffle_rows: int = 0, with_ids: bool = False):
+        return source.dataset(name, labels, plan.head.batch_size, shuffle_rows, plan.head.seed, with_ids)
 
     set_seed(plan.head.seed)
-    model = fine_tune.build_fine_tune_model(plan.image, plan.text, len(labels), plan.head, part(TRAIN))
-    train, validation = (part(TRAIN), label_ids[split[TRAIN]]), (part(VALIDATION), label_ids[split[VALIDATION]])
-    class_weight = class_weight_for(plan.head, np.bincount(label_ids[split[TRAIN]], minlength=len(labels)))
+    model = fine_tune.build_fine_tune_model(plan.image, plan.text, len(labels), plan.head, batches(TRAIN))
+    train, validation = batches(TRAIN, fine_tune.SHUFFLE_RECORDS), batches(VALIDATION)
+    class_weight = class_weight_for(plan.head, counts.class_counts(labels))
+
+    def scored() -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+        for inputs, label_ids, ids in batches(TEST, with_ids=True):
+            yield ([row_id.decode("utf-8") for row_id in ids.numpy()], model(inputs, training=False).numpy(),
+                   label_ids.numpy())
+
     # Keras's transfer-learning recipe: first the new head on frozen encoders (at --learning_rate), so that the
     # low-rate fine-tuning starts from a head that already works instead of pushing random gradients into the
     # pretrained weights; then everything at --fine_tune_learning_rate.
@@ -362,8 +355,8 @@ def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: Pipe
         fine_tune.set_encoders_trainable(model, False)
         head_phase = fit(model, train, validation, plan.head, plan.head.learning_rate, class_weight)
         # The test accuracy with the encoders still frozen: what fine-tuning adds, within the same run.
-        frozen_accuracy = float(np.mean(model.predict(part(TEST), batch_size=64, verbose=0).argmax(axis=1)
-                                        == label_ids[split[TEST]]))
+        frozen_accuracy = float(np.mean(np.concatenate([probabilities.argmax(axis=1) == label_ids
+                                                        for _, probabilities, label_ids in scored()])))
         fine_tune.set_encoders_trainable(model, True)
         before = fine_tune.encoder_weights(model)
         tuned_phase = fit(model, train, validation, plan.head, job.fine_tune_learning_rate, class_weight)
@@ -391,15 +384,13 @@ def train_fine_tuned(plan: TrainPlan, job: TrainClassifierOptions, options: Pipe
     info = ModelInfo(mode=plan.mode, features=job.features, labels=labels,
                      inputs={name: 0 for name, used in (("image_bytes", use_image), ("text", use_text)) if used},
                      encoder_identity=embeddings_identity(metadata))
-    probabilities = model.predict(part(TEST), batch_size=64, verbose=0)
-    export(FineTunedModel(model, labels, use_image, use_text, image_size), plan.outputs["model"], info)
-    predicted = _write_test_predictions(plan.outputs["test_predictions"], ids[split[TEST]], probabilities, labels,
-                                        info)
-    counts = {"read": totals.get("records_read", 0), "dead_lettered": totals.get("dead_lettered", 0),
-              **SkippedRows(unlabeled=int((~labeled).sum())).counts(),  # the encoders run in the model: no vectors
-              "skipped_label_not_in_vocabulary": int((label_ids < 0).sum()),
-              **{name: len(split[name]) for name in SPLITS}}
-    return _finish(plan, job, labels, counts, label_ids[split[TEST]], predicted, training, started, metadata)
+    export(FineTunedModel(model, labels, use_image, use_text, source.image_size), plan.outputs["model"], info)
+    true_ids, predicted = _write_test_predictions(plan.outputs["test_predictions"], scored(), labels, info)
+    rows = {"read": totals.get("records_read", 0), "dead_lettered": totals.get("dead_lettered", 0),
+            **counts.skipped.counts(),  # unlabeled only: the encoders run in the model, there are no vectors
+            "skipped_label_not_in_vocabulary": counts.outside(labels),
+            **{name: counts.kept(name, labels) for name in SPLITS}}
+    return _finish(plan, job, labels, rows, true_ids, predicted, training, started, metadata)
 
 
 def run(argv: list[str] | None = None) -> TrainingReport:

@@ -15,6 +15,7 @@ import zlib
 
 import apache_beam as beam
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import skimage.data
 from apache_beam.io.localfilesystem import LocalFileSystem
@@ -22,6 +23,7 @@ from PIL import Image, ImageOps
 
 from beam_jobs.embed_corpus import run
 from encoders.runtime import tf
+from schemas import embeddings as cols
 from schemas import layout
 from schemas.records import DeadLetter, Reason, Record
 from tests import corpus_builders as corpora
@@ -498,12 +500,15 @@ def test_fine_tune_records_leave_out_images_the_decoder_refuses(tmp_path):
     with beam.Pipeline() as pipeline:
         fine_tune.build_records_pipeline(pipeline, manifest, "parquet", True, True, 40_000_000,
                                          str(tmp_path / "records"), dead_letters)
-    table = fine_tune.read_records(str(tmp_path / "records"))
-    assert table.column("id").to_pylist() == ["good"]
+    paths = fine_tune.records_files(str(tmp_path / "records"))
+    assert [row["id"] for path in paths for row in pq.read_table(path).to_pylist()] == ["good"]
     dead = read_parquet_dir(str(tmp_path / "dead"), "dead_letters").to_pylist()
     assert [(row["id"], row["reason"]) for row in dead] == [("ends_early", Reason.IMAGE_CORRUPT)]
-    pixels, present = fine_tune.decode_images(table.column("image_bytes").to_pylist(), SIZE)
-    assert present.tolist() == [1.0] and pixels.shape == (1, SIZE, SIZE, 3)
+    # What training then reads: every split's rows in the train split (no validation or test ratio), decoded.
+    source = fine_tune.RecordsSource(tuple(paths), 0.0, 0.0, use_image=True, use_text=True, image_size=SIZE)
+    [(inputs, label_ids)] = list(source.dataset("train", ["a"], batch_size=4))
+    assert inputs[cols.HAS_IMAGE].numpy().tolist() == [[1.0]] and inputs["image"].shape == (1, SIZE, SIZE, 3)
+    assert label_ids.numpy().tolist() == [0] and inputs["image"].numpy().std() > 0.01  # a photo, not zeros
 
 
 # --- Memory: the whole job, in a process of its own ----------------------------------------------------------------

@@ -9,7 +9,8 @@ dead letters go to the same sink, and images are decoded by the same TensorFlow 
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -24,9 +25,11 @@ from schemas.layout import PARQUET_SUFFIX
 from schemas.records import Reason, Record, Stage
 from transforms.classify import HeadConfig, ModalityDropout, build_head, modality_columns
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
-from transforms.image_decode import ImageDecodeError, ImageDecoder, make_image_decoder
+from transforms.image_decode import ImageDecodeError, ImageDecoder, decode_or_zeros
 from transforms.prepare import PrepareRecords
 from transforms.read import ReadCorpus
+from transforms.split import split_of
+from transforms.training_input import Survey
 from transforms.write import WriteDeadLetters
 
 RECORDS_SCHEMA = pa.schema([
@@ -37,6 +40,8 @@ RECORDS_SCHEMA = pa.schema([
 ])
 IMAGE_INPUT, TEXT_INPUT = "image", "text"  # the Keras model's input names, beside has_image / has_text
 CHECK_IMAGE_SIZE = 32  # what CheckImagesDecode decodes to: whether an image decodes does not depend on the size
+RECORDS_BATCH = 256  # records read at a time for training: 14 MB of 640x480 JPEGs, 75 MB of 2048x1536 ones
+SHUFFLE_RECORDS = 2048  # records an epoch shuffles among, still encoded: about 110 MB of 640x480 JPEGs
 
 
 def record_row(record: Record) -> dict:
@@ -88,16 +93,83 @@ def build_records_pipeline(pipeline: beam.Pipeline, path: str, input_format: str
          | "WriteDeadLetters" >> WriteDeadLetters(dead_letters_prefix))
 
 
-def read_records(records_prefix: str) -> pa.Table:
-    """The records the pipeline wrote, in memory; the files are deleted once read (they are only a hand-over)."""
-    paths = sorted(m.path for r in FileSystems.match([records_prefix + "*" + PARQUET_SUFFIX]) for m in r.metadata_list)
-    tables = []
-    for path in paths:
-        with FileSystems.open(path) as handle:
-            tables.append(pq.read_table(handle))
-    if paths:
-        FileSystems.delete(paths)
-    return pa.concat_tables(tables) if tables else RECORDS_SCHEMA.empty_table()
+def records_files(records_prefix: str) -> list[str]:
+    """The records files the pipeline wrote: a hand-over, deleted by the caller once training is done."""
+    return sorted(m.path for r in FileSystems.match([records_prefix + "*" + PARQUET_SUFFIX]) for m in r.metadata_list)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordsSource:
+    """The records files and how their rows are split and fed to the model."""
+
+    paths: tuple[str, ...]
+    validation_ratio: float
+    test_ratio: float
+    use_image: bool
+    use_text: bool
+    image_size: int | None
+
+    def chunks(self, columns: Sequence[str]) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+        """Record batches of the labeled rows (`columns` of them), with each row's split: RECORDS_BATCH rows at a
+        time, so a batch of photos is tens of MB whatever the corpus."""
+        for path in self.paths:
+            with FileSystems.open(path) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=RECORDS_BATCH, columns=list(columns)):
+                    labels = batch.column(cols.LABEL).to_pylist()
+                    labeled = pa.array([label is not None and label.strip() != "" for label in labels])
+                    yield batch.filter(labeled), batch.num_rows - labeled.true_count
+
+    def survey(self) -> Survey:
+        """One pass over the ids and labels alone: rows read, unlabeled, and each split's label counts."""
+        counts = Survey()
+        for batch, unlabeled in self.chunks((cols.ID, cols.LABEL)):
+            counts.read += batch.num_rows + unlabeled
+            counts.skipped.unlabeled += unlabeled
+            for row_id, label in zip(batch.column(cols.ID).to_pylist(), batch.column(cols.LABEL).to_pylist(),
+                                     strict=True):
+                counts.labels[split_of(row_id, self.validation_ratio, self.test_ratio)][label] += 1
+        return counts
+
+    def dataset(self, split: str, vocabulary: Sequence[str], batch_size: int, shuffle_rows: int = 0,
+                seed: int = 0, with_ids: bool = False) -> tf.data.Dataset:
+        """A split as batches of (model inputs, label ids[, row ids]): records read a batch at a time at every
+        epoch, shuffled (shuffle_rows > 0) as encoded bytes, then decoded in parallel by the project's decoder."""
+        index = {label: position for position, label in enumerate(vocabulary)}
+        columns = (cols.ID, cols.LABEL, *(("image_bytes",) if self.use_image else ()),
+                   *(("text",) if self.use_text else ()))
+
+        def rows() -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+            for batch, _ in self.chunks(columns):
+                ids = batch.column(cols.ID).to_pylist()
+                label_ids = np.array([index.get(label, -1) for label in batch.column(cols.LABEL).to_pylist()],
+                                     np.int64)
+                keep = np.array([split_of(row_id, self.validation_ratio, self.test_ratio) == split for row_id in ids],
+                                bool) & (label_ids >= 0)
+                if keep.any():
+                    chosen = batch.filter(pa.array(keep))
+                    # Missing values as empty strings: the decoder gives zeros for them, the masks say 0.
+                    yield {name: np.array([value or b"" if name == "image_bytes" else value or ""
+                                           for value in chosen.column(name).to_pylist()], object)
+                           for name in columns if name != cols.LABEL}, label_ids[keep]
+
+        signature = ({name: tf.TensorSpec([None], tf.string) for name in columns if name != cols.LABEL},
+                     tf.TensorSpec([None], tf.int64))
+        dataset = tf.data.Dataset.from_generator(rows, output_signature=signature).unbatch()
+        if shuffle_rows:
+            dataset = dataset.shuffle(shuffle_rows, seed=seed, reshuffle_each_iteration=True)
+        size = self.image_size
+
+        def model_inputs(row: dict, label_id: tf.Tensor):
+            inputs = {}
+            if self.use_image:
+                inputs[IMAGE_INPUT] = decode_or_zeros(row["image_bytes"], size)
+                inputs[cols.HAS_IMAGE] = tf.cast(tf.strings.length(row["image_bytes"]) > 0, tf.float32)[None]
+            if self.use_text:
+                inputs[TEXT_INPUT] = row["text"]
+                inputs[cols.HAS_TEXT] = tf.cast(tf.strings.length(row["text"]) > 0, tf.float32)[None]
+            return (inputs, label_id, row[cols.ID]) if with_ids else (inputs, label_id)
+
+        return dataset.map(model_inputs, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
 
 
 def label_vocabulary(labels: Sequence[str], top_k: int | None, frequency_threshold: int | None) -> list[str]:
@@ -108,33 +180,8 @@ def label_vocabulary(labels: Sequence[str], top_k: int | None, frequency_thresho
     return kept[:top_k] if top_k else kept
 
 
-def decode_images(image_bytes: Sequence[bytes | None], image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded images → [N, size, size, 3] float32 in [0, 1] and a has_image mask; no image is zeros."""
-    decode = make_image_decoder(image_size)
-    pixels = np.zeros((len(image_bytes), image_size, image_size, 3), np.float32)
-    present = np.zeros(len(image_bytes), np.float32)
-    for index, data in enumerate(image_bytes):
-        if data:
-            pixels[index] = decode(tf.constant(data)).numpy()
-            present[index] = 1.0
-    return pixels, present
-
-
-def model_inputs(table: pa.Table, image_size: int | None, use_image: bool, use_text: bool) -> dict[str, np.ndarray]:
-    """Records → the fine-tune model's inputs."""
-    inputs = {}
-    if use_image:
-        inputs[IMAGE_INPUT], present = decode_images(table.column("image_bytes").to_pylist(), image_size)
-        inputs[cols.HAS_IMAGE] = present[:, None]
-    if use_text:
-        texts = [text or "" for text in table.column("text").to_pylist()]
-        inputs[TEXT_INPUT] = np.array(texts, object)
-        inputs[cols.HAS_TEXT] = np.array([[1.0 if text.strip() else 0.0] for text in texts], np.float32)
-    return inputs
-
-
 def build_fine_tune_model(image: EncoderSpec | None, text: EncoderSpec | None, n_classes: int,
-                          head: HeadConfig, train_inputs: dict[str, np.ndarray]) -> tf_keras.Model:
+                          head: HeadConfig, train_batches: tf.data.Dataset) -> tf_keras.Model:
     """image → hub.KerasLayer(trainable) and/or text → hub.KerasLayer(trainable), masked, concatenated,
     z-scored per dimension (statistics of the training rows through the pretrained encoders), masks appended,
     then the head."""
@@ -153,7 +200,8 @@ def build_fine_tune_model(image: EncoderSpec | None, text: EncoderSpec | None, n
     # start from the pretrained encoders' outputs on the training rows (the same statistics frozen mode uses).
     embed = tf_keras.Model(inputs, vector)
     normalize = tf_keras.layers.Normalization(axis=-1, name="z_score")
-    normalize.adapt(embed.predict({name: value for name, value in train_inputs.items()}, batch_size=64, verbose=0))
+    # Adapted batch by batch, as the training split streams: the statistics of every row, none held at once.
+    normalize.adapt(train_batches.map(lambda inputs, _: embed(inputs, training=False)))
     scaled = normalize(vector)
     head_input = tf_keras.layers.Concatenate(name="with_masks")([scaled, *masks]) if len(masks) > 1 else scaled
     dims = [spec.dim for spec in (image, text) if spec is not None]

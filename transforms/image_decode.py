@@ -181,6 +181,12 @@ def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
     return _decode(data, size, exif_orientation(data))[0]
 
 
+def decode_or_zeros(data: tf.Tensor, size: int) -> tf.Tensor:
+    """decode_and_resize, or zeros for empty bytes (a record without an image), in graph ops."""
+    return tf.cond(tf.strings.length(data) > 0, lambda: decode_and_resize(data, size),
+                   lambda: tf.zeros([size, size, 3], tf.float32))
+
+
 def make_image_decoder(size: int):
     """bytes → [size, size, 3] float32 in [0, 1] (decode_and_resize as one traced function, for eager callers)."""
 

@@ -25,7 +25,7 @@ from encoders.runtime import tf, tf_keras
 from schemas import embeddings as cols
 from schemas.training import MODEL_INFO_NAME, SERVING_SIGNATURE, ModelInfo
 from transforms.embeddings_input import MASK_OF
-from transforms.image_decode import decode_and_resize
+from transforms.image_decode import decode_or_zeros
 from transforms.tft_features import FEATURES, MODALITY_MASK, vector_columns
 
 LABELS_SIGNATURE = "labels"
@@ -91,9 +91,7 @@ class FineTunedModel(tf.Module):
         self.label_vocabulary = tf.function(lambda: {"labels": self.labels}, input_signature=[])
 
     def _decode_one(self, data: tf.Tensor) -> tf.Tensor:
-        size = self.image_size
-        return tf.cond(tf.strings.length(data) > 0, lambda: decode_and_resize(data, size),
-                       lambda: tf.zeros([size, size, 3], tf.float32))
+        return decode_or_zeros(data, self.image_size)
 
     def _serve(self, inputs: dict) -> dict:
         model_inputs = {}
