@@ -1,12 +1,16 @@
 """The classifier stage at corpus scale: peak memory and wall time of train_classifier against its number of rows.
 
     python benchmarks/bench_training.py [--rows 50000 1000000] [--base_photos 2000] [--work DIR]
+    python benchmarks/bench_training.py --fine_tune_photos 1000 5000 [--work DIR]
 
 Real embeddings first: the embedding job (baked MobileNet V1 + MiniLM, 1,408-d) over `--base_photos` labelled
 photos with captions (benchmarks/photo_corpus.py). Then, for each size, that many synthetic rows built from them:
 each real row repeated under new ids with a little Gaussian noise on its vector, written as the embedding job
 writes (its schema and metadata, 50,000 rows a file). `python -m beam_jobs.train_classifier --features both` runs
 on each as a user runs it; the figures are its peak RSS (the largest of its processes) and its wall time.
+
+--fine_tune_photos: `train_classifier --fine_tune --features image` (the baked MobileNet V1 made trainable) on that
+many 640x480 photos from files instead, the same figures: the images must stream, never be held all at once.
 """
 
 from __future__ import annotations
@@ -79,24 +83,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--work", default=None, help="keep the embeddings and synthetic rows here between runs")
+    parser.add_argument("--fine_tune_photos", type=int, nargs="+", default=None,
+                        help="fine-tune on these numbers of photos instead of training on embeddings")
     args = parser.parse_args(argv)
     work = args.work or tempfile.mkdtemp(prefix="hubembed-bench-training-")
     os.makedirs(work, exist_ok=True)
+    fine_tuning = args.fine_tune_photos is not None
+    flags = ["--features", "image", "--fine_tune"] if fine_tuning else ["--features", "both"]
     print(f"hubembed training benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; train_classifier --features both --epochs {args.epochs} --batch_size "
-          f"{args.batch_size}; rows from {args.base_photos} embedded photos", flush=True)
-    base = real_embeddings(work, args.base_photos)
-    log(f"real embeddings: {base.num_rows} rows")
+          f"{platform.python_version()}; train_classifier {' '.join(flags)} --epochs {args.epochs} --batch_size "
+          f"{args.batch_size}" + ("" if fine_tuning else f"; rows from {args.base_photos} embedded photos"),
+          flush=True)
+    if not fine_tuning:
+        base = real_embeddings(work, args.base_photos)
+        log(f"real embeddings: {base.num_rows} rows")
     results = []
     try:
-        for rows in args.rows:
-            folder = os.path.join(work, f"rows-{rows}")
-            if not os.path.isdir(folder):
-                synthetic_rows(base, rows, folder)
-            output = os.path.join(work, f"classifier-{rows}")
+        for rows in args.fine_tune_photos or args.rows:
+            if fine_tuning:
+                folder = os.path.join(work, f"photos-{rows}")
+                if not os.path.exists(os.path.join(folder, "manifest.jsonl")):
+                    write_photo_corpus(folder, rows)
+                source = os.path.join(folder, "manifest.jsonl")
+            else:
+                source = os.path.join(work, f"rows-{rows}")
+                if not os.path.isdir(source):
+                    synthetic_rows(base, rows, source)
+            output = os.path.join(work, f"classifier-{'fine-tuned-' if fine_tuning else ''}{rows}")
             shutil.rmtree(output, ignore_errors=True)
-            measured = run_measured([sys.executable, "-m", "beam_jobs.train_classifier", "--input", folder,
-                                     "--output", output, "--features", "both", "--epochs", str(args.epochs),
+            measured = run_measured([sys.executable, "-m", "beam_jobs.train_classifier", "--input", source,
+                                     "--output", output, *flags, "--epochs", str(args.epochs),
                                      "--batch_size", str(args.batch_size)], output + ".log")
             accuracy = next((line.split()[1] for line in measured.console.splitlines()
                              if line.startswith("  accuracy ")), "?")  # the console's test-split table

@@ -29,7 +29,10 @@ from schemas import predictions as pred
 from scripts.make_sample_corpus import make_sample_corpus
 from transforms.classify import balanced_class_weights, split_metrics
 from transforms.embeddings_input import available_columns, iter_tables
+from transforms.serving import head_inputs
 from transforms.split import TEST, TRAIN, VALIDATION, split_fraction, split_of
+from transforms.tft_features import SPLIT, RowSource, label_vocabulary, labeled_rows, load_transform
+from transforms.training_input import split_dataset, survey
 
 # Below ~1000 rows the gap between `image` and `both` is within the noise of the test split with the tiny fixture
 # encoders (the image one alone reaches ~0.90); 1800 rows give a 450-row test split.
@@ -335,6 +338,35 @@ def test_split_is_a_stable_function_of_the_id(frozen_runs, embeddings):
         tested = pq.read_table(os.path.join(run["output"], train_classifier.TEST_PREDICTIONS)).column(pred.ID)
         assert sorted(tested.to_pylist()) == expected
         assert run["report"]["rows"][TEST] == len(expected)
+
+
+def test_training_streams_every_row_once_as_the_whole_table_gives_it(frozen_runs, embeddings, tmp_path):
+    """The streamed passes (count, analysis, train, validation, test) read a record batch at a time: over many small
+    files they see each usable row once, transformed exactly as the whole table in memory would be."""
+    table = read_embeddings_table(embeddings)
+    for index, start in enumerate(range(0, table.num_rows, 37)):  # 17 files: every file is a record batch of its own
+        write_variant(table.slice(start, 37), tmp_path, f"embeddings-{index:05d}.parquet")
+    dims = {cols.IMAGE_EMBEDDING: table.schema.field(cols.IMAGE_EMBEDDING).type.list_size,
+            cols.TEXT_EMBEDDING: table.schema.field(cols.TEXT_EMBEDDING).type.list_size}
+    source = RowSource(tuple(sorted(glob.glob(embeddings_glob(str(tmp_path))))), "both", dims, VALIDATION_RATIO,
+                       TEST_RATIO)
+    whole, _ = labeled_rows(table, "both", dims, VALIDATION_RATIO, TEST_RATIO)
+    counts = survey(source)
+    transform = load_transform(os.path.join(frozen_runs["both"]["output"], train_classifier.TRANSFORM_DIR))
+    labels = label_vocabulary(transform)
+    assert counts.read == table.num_rows
+    layer = transform.transform_features_layer()
+    for split in (TRAIN, VALIDATION, TEST):
+        chosen = whole[SPLIT] == split
+        assert counts.kept(split, labels) == chosen.sum() > 0
+        streamed = list(split_dataset(source, split, labels, layer, batch_size=16))
+        inputs = np.concatenate([batch.numpy() for batch, _ in streamed])
+        expected = head_inputs(layer({name: tf.constant(whole[name][chosen]) for name in source.raw_names}))
+        np.testing.assert_allclose(inputs, expected.numpy(), atol=1e-5)  # same rows, same order, same transform
+        assert [labels[i] for batch in streamed for i in batch[1].numpy()] == whole[cols.LABEL][chosen].tolist()
+    shuffled = np.concatenate([ids for _, ids in split_dataset(source, TRAIN, labels, layer, 16, 64, seed=1)])
+    train_labels = whole[cols.LABEL][whole[SPLIT] == TRAIN]
+    assert sorted(shuffled.tolist()) == sorted(labels.index(label) for label in train_labels)  # each row once
 
 
 def test_unlabeled_rows_are_skipped_and_counted(embeddings, tmp_path):
