@@ -30,12 +30,11 @@ from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas import layout
 from schemas.report import EmbedRunReport
-from transforms.checkpoint import CheckpointBatches, checkpoint_files
-from transforms.embed import EmbedConfig, EmbedRecords
-from transforms.prepare import PrepareRecords
-from transforms.read import CorpusConfigError, ReadCorpus, infer_format, match_patterns
-from transforms.report import ProgressLog
-from transforms.reuse import (
+from transforms.embedding.checkpoint import CheckpointBatches, checkpoint_files
+from transforms.embedding.embed import EmbedConfig, EmbedRecords
+from transforms.embedding.prepare import PrepareRecords
+from transforms.embedding.read import CorpusConfigError, ReadCorpus, infer_format, match_patterns
+from transforms.embedding.reuse import (
     ORIGIN_CHECKPOINT,
     CopyStoredVectors,
     ReuseConfigError,
@@ -45,7 +44,8 @@ from transforms.reuse import (
     reuse_key,
     usable_checkpoints,
 )
-from transforms.write import WriteDeadLetters, WriteEmbeddings
+from transforms.embedding.write import WriteDeadLetters, WriteEmbeddings
+from transforms.report import ProgressLog
 
 JOB_NAME = "embed_corpus"
 PROBE_CACHE_DIR = "_probes"  # in the encoder cache: what start-up learnt of each module's content

@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_jobs.launch import JobConfigError, check_output_folder, pin_direct_runner
 from schemas import layout
 from schemas.report import RunReport
-from transforms.files import matching_paths
+from transforms.embedding.files import matching_paths
 from transforms.report import build_report, write_report
 
 ReportT = TypeVar("ReportT", bound=RunReport)

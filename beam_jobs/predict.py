@@ -26,15 +26,15 @@ from schemas import embeddings as cols
 from schemas import layout
 from schemas import predictions as pred
 from schemas.training import ModelInfo
-from transforms.embeddings_input import (
+from transforms.downstream.embeddings_input import (
     EmbeddingsInputError,
     content_identity,
     identity_difference,
     inspect_embeddings,
 )
-from transforms.predict import ScoreEmbeddings
-from transforms.serving import check_serving_model, read_model_info
-from transforms.write import WriteDeadLetters, WriteEmbeddings
+from transforms.downstream.predict import ScoreEmbeddings
+from transforms.downstream.serving import check_serving_model, read_model_info
+from transforms.embedding.write import WriteDeadLetters, WriteEmbeddings
 
 JOB_NAME = "predict"
 

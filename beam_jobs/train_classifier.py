@@ -46,8 +46,8 @@ from schemas import embeddings as cols
 from schemas import layout
 from schemas import predictions as pred
 from schemas.training import ModelInfo, TrainingReport
-from transforms import fine_tune
-from transforms.classify import (
+from transforms.downstream import fine_tune
+from transforms.downstream.classify import (
     HeadConfig,
     build_head,
     class_weight_for,
@@ -57,20 +57,18 @@ from transforms.classify import (
     split_metrics,
     with_modality_dropout,
 )
-from transforms.embeddings_input import (
+from transforms.downstream.embeddings_input import (
     FEATURE_COLUMNS,
     EmbeddingsInput,
     EmbeddingsInputError,
     embeddings_identity,
     inspect_embeddings,
 )
-from transforms.plots import plot_confusion_matrix, plot_training_curves
-from transforms.predict import prediction_table
-from transforms.read import CorpusConfigError, infer_format, match_patterns
-from transforms.report import counters
-from transforms.serving import FineTunedModel, FrozenFeatureModel, export
-from transforms.split import SPLITS, TEST, TRAIN, VALIDATION, check_ratios
-from transforms.tft_features import (
+from transforms.downstream.plots import plot_confusion_matrix, plot_training_curves
+from transforms.downstream.predict import prediction_table
+from transforms.downstream.serving import FineTunedModel, FrozenFeatureModel, export
+from transforms.downstream.split import SPLITS, TEST, TRAIN, VALIDATION, check_ratios
+from transforms.downstream.tft_features import (
     RowSource,
     SkippedRows,
     analyze_training_split,
@@ -78,7 +76,9 @@ from transforms.tft_features import (
     load_transform,
     vector_columns,
 )
-from transforms.training_input import SHUFFLE_ROWS, Survey, split_chunks, split_dataset, survey
+from transforms.downstream.training_input import SHUFFLE_ROWS, Survey, split_chunks, split_dataset, survey
+from transforms.embedding.read import CorpusConfigError, infer_format, match_patterns
+from transforms.report import counters
 
 JOB_NAME = "train_classifier"
 MODEL_DIR, TRANSFORM_DIR = "model", "transform"
@@ -253,7 +253,8 @@ def _log_non_finite(skipped: SkippedRows, features: str) -> None:
 
 def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: PipelineOptions) -> TrainingReport:
     """Embeddings Parquet → tf.Transform analysis → head → serving model and report, every pass streaming the rows
-    a record batch at a time (transforms.training_input): memory holds the model and bounded buffers, not rows."""
+    a record batch at a time (transforms.downstream.training_input): memory holds the model and bounded buffers,
+    not rows."""
     started = time.perf_counter()
     embeddings = plan.embeddings
     source = RowSource(tuple(embeddings.paths), job.features, embeddings.dims, job.validation_ratio, job.test_ratio)

@@ -46,7 +46,7 @@ META_STORAGE = META_PREFIX + "storage"  # JSON: {"vectors": concat|modalities|bo
 # hex SHA-256 of the encoders' content identity, preprocessing, L2 and storage: equal digests, reusable vectors
 META_REUSE_KEY = META_PREFIX + "reuse_key"
 # The --max_image_pixels the run's images were judged by: a run reusing the rows with a lower limit checks the
-# reused images' headers again (transforms.match_ids)
+# reused images' headers again (transforms.embedding.match_ids)
 META_MAX_IMAGE_PIXELS = META_PREFIX + "max_image_pixels"
 
 

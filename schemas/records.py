@@ -32,7 +32,7 @@ class Record:
     text: str | bytes | None = None
     label: str | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # SHA-256 (hex) of the image bytes and of the UTF-8 text (transforms.image_check.fingerprinted): with the
+    # SHA-256 (hex) of the image bytes and of the UTF-8 text (transforms.embedding.image_check.fingerprinted): with the
     # encoders' identity, what decides whether an earlier output's vectors can be reused for this record.
     image_sha256: str | None = None
     text_sha256: str | None = None

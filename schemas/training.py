@@ -61,8 +61,8 @@ class ModelInfo:
     """What a serving model was trained on (`assets.extra/model_info.json`): `predict` checks its input against it.
 
     `inputs` maps each serving input name to its width (0 for a scalar per row); `encoder_identity` is
-    `transforms.embeddings_input.embeddings_identity` of the training input, or of the encoders a fine-tuned model
-    embeds: the encoders' content fingerprints and how they were called, not their paths.
+    `transforms.downstream.embeddings_input.embeddings_identity` of the training input, or of the encoders a
+    fine-tuned model embeds: the encoders' content fingerprints and how they were called, not their paths.
     """
 
     mode: str

@@ -17,7 +17,7 @@ from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas.records import Record
 from tests import corpus_builders as corpora
-from transforms.embed import PIXELS_PER_SLOT, TEXT_CHARS_PER_SLOT, EmbedConfig, EmbedRecords, batch_slots
+from transforms.embedding.embed import PIXELS_PER_SLOT, TEXT_CHARS_PER_SLOT, EmbedConfig, EmbedRecords, batch_slots
 from transforms.image_decode import JPEG_SCALES, ImageDecodeError, ImageDecoder, decode_and_resize, jpeg_scale
 from transforms.report import ProgressLog
 

@@ -27,12 +27,12 @@ from schemas import embeddings as cols
 from schemas import layout
 from schemas import predictions as pred
 from scripts.make_sample_corpus import make_sample_corpus
-from transforms.classify import balanced_class_weights, split_metrics
-from transforms.embeddings_input import available_columns, iter_tables
-from transforms.serving import head_inputs
-from transforms.split import TEST, TRAIN, VALIDATION, split_fraction, split_of
-from transforms.tft_features import SPLIT, RowSource, label_vocabulary, labeled_rows, load_transform
-from transforms.training_input import split_dataset, survey
+from transforms.downstream.classify import balanced_class_weights, split_metrics
+from transforms.downstream.embeddings_input import available_columns, iter_tables
+from transforms.downstream.serving import head_inputs
+from transforms.downstream.split import TEST, TRAIN, VALIDATION, split_fraction, split_of
+from transforms.downstream.tft_features import SPLIT, RowSource, label_vocabulary, labeled_rows, load_transform
+from transforms.downstream.training_input import split_dataset, survey
 
 # Below ~1000 rows the gap between `image` and `both` is within the noise of the test split with the tiny fixture
 # encoders (the image one alone reaches ~0.90); 1800 rows give a 450-row test split.

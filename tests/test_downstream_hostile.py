@@ -20,7 +20,7 @@ from schemas import embeddings as cols
 from schemas import predictions as pred
 from scripts.make_sample_corpus import make_sample_corpus
 from tests import fixture_models
-from transforms.split import SPLITS, TEST, TRAIN, VALIDATION, split_of
+from transforms.downstream.split import SPLITS, TEST, TRAIN, VALIDATION, split_of
 
 CORPUS_ROWS = 600
 VALIDATION_RATIO, TEST_RATIO = 0.15, 0.25

@@ -29,8 +29,8 @@ from schemas.records import DeadLetter, Reason, Record
 from tests import corpus_builders as corpora
 from tests.conftest import read_parquet_dir
 from tests.test_embed_config import fails_in_one_line
-from transforms import fine_tune
-from transforms.image_check import IMAGE_HEAD_BYTES, check_image, fetch_and_check_image
+from transforms.downstream import fine_tune
+from transforms.embedding.image_check import IMAGE_HEAD_BYTES, check_image, fetch_and_check_image
 from transforms.image_decode import (
     ImageDecodeError,
     ImageDecoder,

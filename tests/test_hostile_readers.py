@@ -20,7 +20,7 @@ from beam_jobs.embed_corpus import main, run
 from schemas.report import EmbedRunReport
 from tests import corpus_builders as corpora
 from tests.corpus_builders import os_name, write_file
-from transforms.read import MAX_JSON_ARRAY_BYTES, CorpusConfigError, infer_format
+from transforms.embedding.read import MAX_JSON_ARRAY_BYTES, CorpusConfigError, infer_format
 
 
 def embed(encoders: dict, input_path: str, output: str, *extra: str) -> EmbedRunReport:

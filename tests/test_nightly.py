@@ -113,7 +113,7 @@ def test_reuse_embeds_only_what_changed_and_equals_a_full_run(fixture_encoders, 
 
 
 def test_reuse_over_many_chunks_and_buckets_equals_a_full_run(fixture_encoders, tmp_path):
-    """More records than one chunk of the match (transforms.match_ids.CHUNK_RECORDS), ids spread over every
+    """More records than one chunk of the match (transforms.embedding.match_ids.CHUNK_RECORDS), ids spread over every
     bucket, and duplicate ids far apart in the manifest, so in other chunks than the record they repeat."""
     rows = [{"id": f"item-{i}", "text": f"caption {i}", "label": "a"} for i in range(1100)]
     rows[::50] = [dict(row, image_bytes=corpora.image_bytes(i)) for i, row in enumerate(rows[::50])]

@@ -14,8 +14,8 @@ from PIL import Image
 from beam_jobs.embed_corpus import run
 from tests import corpus_builders as corpora
 from tests.conftest import read_parquet_dir
+from transforms.embedding.read import expand_patterns, infer_format
 from transforms.image_decode import make_image_decoder
-from transforms.read import expand_patterns, infer_format
 
 
 def encoded(image: Image.Image, fmt: str, **save_args) -> bytes:

@@ -71,7 +71,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 
 from schemas.records import INPUT_FORMATS, MANIFEST_FORMATS, DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import dead_letter, printable, route
-from transforms.files import special_kind
+from transforms.embedding.files import special_kind
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp")
 MANIFEST_COLUMNS = ("id", "image", "image_bytes", "text", "label")

@@ -117,7 +117,7 @@ def fit(model: tf_keras.Model, train: tuple | tf.data.Dataset, validation: tuple
         config: HeadConfig, learning_rate: float, class_weight: dict[int, float] | None = None) -> dict:
     """Train with Adam and early stopping on validation loss (best weights restored); returns the run's summary.
     `train` and `validation` are (inputs, label ids) in memory, or datasets of batches of them (already batched and
-    shuffled: transforms.training_input)."""
+    shuffled: transforms.downstream.training_input)."""
     model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     stopper = tf_keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,

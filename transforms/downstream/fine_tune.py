@@ -23,14 +23,14 @@ from encoders.runtime import hub, tf, tf_keras
 from schemas import embeddings as cols
 from schemas.layout import PARQUET_SUFFIX
 from schemas.records import Reason, Record, Stage
-from transforms.classify import HeadConfig, ModalityDropout, build_head, modality_columns
 from transforms.dead_letters import DEAD_LETTER_TAG, dead_letter
+from transforms.downstream.classify import HeadConfig, ModalityDropout, build_head, modality_columns
+from transforms.downstream.split import split_of
+from transforms.downstream.training_input import Survey
+from transforms.embedding.prepare import PrepareRecords
+from transforms.embedding.read import ReadCorpus
+from transforms.embedding.write import WriteDeadLetters
 from transforms.image_decode import ImageDecodeError, ImageDecoder, decode_or_zeros
-from transforms.prepare import PrepareRecords
-from transforms.read import ReadCorpus
-from transforms.split import split_of
-from transforms.training_input import Survey
-from transforms.write import WriteDeadLetters
 
 RECORDS_SCHEMA = pa.schema([
     pa.field(cols.ID, pa.string(), nullable=False),

@@ -2,7 +2,7 @@
 
 Every reader here goes through `RowSource.labeled_chunks` (one record batch of a file at a time, the rows a
 classifier can learn from, each with its split by id hash; tf.Transform's analysis reads the same chunks as Arrow
-through TFXIO, transforms.tft_features):
+through TFXIO, transforms.downstream.tft_features):
 - `survey`: one pass that counts what was read, skipped and kept, and each split's labels: counts, not rows;
 - `split_dataset`: a split as a tf.data pipeline of (head input, label id), transformed a chunk at a time and
   shuffled in a bounded buffer: what Keras trains and validates on;
@@ -20,9 +20,9 @@ import numpy as np
 
 from encoders.runtime import tf
 from schemas import embeddings as cols
-from transforms.serving import head_inputs
-from transforms.split import SPLITS, TRAIN
-from transforms.tft_features import SPLIT, RowSource, SkippedRows
+from transforms.downstream.serving import head_inputs
+from transforms.downstream.split import SPLITS, TRAIN
+from transforms.downstream.tft_features import SPLIT, RowSource, SkippedRows
 
 SHUFFLE_ROWS = 16_384  # rows a training epoch shuffles among: 90 MB of 1,408-d vectors, a few record batches' worth
 

@@ -7,8 +7,8 @@ encoders, so a changed label alone does not re-embed.
 
 Here: which stored files may be reused (`find_reusable_files`, `usable_checkpoints`, in `preference_order`), where
 each stored row lives (`ReadStoredRefs`: id, fingerprints, file, row group, row; no vector), and, once
-transforms.match_ids has matched records to stored rows by id, `CopyStoredVectors`: the matches grouped by stored
-row group, each group's vectors read from Parquet once and taken into the output table as Arrow columns.
+transforms.embedding.match_ids has matched records to stored rows by id, `CopyStoredVectors`: the matches grouped by
+stored row group, each group's vectors read from Parquet once and taken into the output table as Arrow columns.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from schemas import embeddings as cols
 from schemas import layout
 from schemas.records import Record
 from transforms.dead_letters import METRICS_NAMESPACE, RECORDS_EMBEDDED
-from transforms.files import matching_files, matching_paths
-from transforms.image_check import sha256_hex
-from transforms.rows import record_columns
+from transforms.embedding.files import matching_files, matching_paths
+from transforms.embedding.image_check import sha256_hex
+from transforms.embedding.rows import record_columns
 
 log = logging.getLogger("hubembed")
 
@@ -52,7 +52,7 @@ class ReuseConfigError(ValueError):
 def reuse_key(metadata: Mapping[str, str]) -> str:
     """The digest that must be equal for an output's vectors to be reused: the encoders' content identity (not
     their paths), the image preprocessing, L2 and layout (`embeddings_identity`), and how the vectors are stored."""
-    from transforms.embeddings_input import embeddings_identity  # imports the encoders' TF runtime
+    from transforms.downstream.embeddings_input import embeddings_identity  # imports the encoders' TF runtime
 
     identity = {"identity": embeddings_identity(dict(metadata)), "storage": metadata.get(cols.META_STORAGE)}
     return sha256_hex(json.dumps(identity, sort_keys=True).encode())
@@ -64,7 +64,7 @@ class StoredFile(NamedTuple):
     path: str
     origin: str  # ORIGIN_REUSE or ORIGIN_CHECKPOINT
     max_image_pixels: int | None  # None for files written before the limit was recorded
-    size_bytes: int  # what sizes the match's shuffle (transforms.match_ids.match_buckets)
+    size_bytes: int  # what sizes the match's shuffle (transforms.embedding.match_ids.match_buckets)
 
 
 def _stored_file(path: str, size_bytes: int, origin: str, metadata: Mapping[str, str]) -> StoredFile:
@@ -150,8 +150,8 @@ def unpack_chunk(chunk: bytes) -> list:
 
 
 def id_bucket(record_id: str, buckets: int) -> int:
-    """The bucket of an id in transforms.match_ids' shuffle, the same in every process (Python's own str hash is
-    salted per process): records and stored rows of one id meet in one bucket."""
+    """The bucket of an id in transforms.embedding.match_ids' shuffle, the same in every process (Python's own str
+    hash is salted per process): records and stored rows of one id meet in one bucket."""
     return zlib.crc32(record_id.encode("utf-8")) % buckets
 
 

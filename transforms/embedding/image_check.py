@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from schemas.records import DEFAULT_MAX_IMAGE_BYTES, DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import dead_letter
-from transforms.files import special_kind
+from transforms.embedding.files import special_kind
 
 # What TensorFlow's decode_image reads (PIL names); others are dead-lettered before they reach the decoder. MPO, the
 # multi-picture file of many cameras, is a JPEG with more pictures after it: TensorFlow decodes the first.

@@ -31,10 +31,10 @@ from transforms.dead_letters import (
     batch_or_one_by_one,
     dead_letter,
 )
+from transforms.embedding.in_flight import InFlight, at_end_of_window
+from transforms.embedding.rows import record_columns
 from transforms.image_decode import ImageDecoder
-from transforms.in_flight import InFlight, at_end_of_window
 from transforms.report import ProgressLog
-from transforms.rows import record_columns
 
 
 @dataclasses.dataclass(frozen=True)

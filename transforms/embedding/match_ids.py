@@ -13,7 +13,7 @@ rows, in chunks keyed by a bucket of their ids (`id_bucket`), and matches a buck
                                                               │ unchanged  ──► ((file rank, row group),
                                                               │                 a chunk of (record, row))
                                                               ▼ new or changed
-                                                         FetchImages (transforms.image_check)
+                                                         FetchImages (transforms.embedding.image_check)
 
 A shuffle element costs the in-process runner its own Python objects and steps whatever it holds: in chunks, a night
 of 20,000 records all reused took 5.5–6.8 s of pipeline instead of 8.8 (benchmarks/RESULTS.md). Records cross the
@@ -39,9 +39,17 @@ import apache_beam as beam
 
 from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import DEAD_LETTER_TAG, RouteOutputs, dead_letter, printable
-from transforms.image_check import ImageRefused, check_image, decoder_bytes, fingerprinted, read_image
-from transforms.in_flight import InFlight, at_end_of_window
-from transforms.reuse import REUSED_TAG, ReadStoredRefs, StoredFile, StoredRef, id_bucket, pack_chunk, unpack_chunk
+from transforms.embedding.image_check import ImageRefused, check_image, decoder_bytes, fingerprinted, read_image
+from transforms.embedding.in_flight import InFlight, at_end_of_window
+from transforms.embedding.reuse import (
+    REUSED_TAG,
+    ReadStoredRefs,
+    StoredFile,
+    StoredRef,
+    id_bucket,
+    pack_chunk,
+    unpack_chunk,
+)
 
 # The image fingerprint of a record whose image could not be read or was refused before the match: no stored row
 # has it, so the record goes on to FetchImages, which judges it again and dead-letters it with the reason.
@@ -58,8 +66,8 @@ RECORD_FIELDS = tuple(field.name for field in dataclasses.fields(Record))
 
 
 def to_wire(record: Record) -> tuple:
-    """A record as it crosses MatchIds' shuffle, in a chunk (transforms.reuse.pack_chunk). The in-process runner
-    holds a shuffle's values as the Python objects they decode to: as pickled bytes a record weighed 1.6 KB there
+    """A record as it crosses MatchIds' shuffle, in a chunk (transforms.embedding.reuse.pack_chunk). The in-process
+    runner holds a shuffle's values as the Python objects they decode to: as pickled bytes a record weighed 1.6 KB there
     instead of 2.0 (measured when the duplicate check shuffled records too, benchmarks/RESULTS.md)."""
     return tuple(getattr(record, name) for name in RECORD_FIELDS)
 
@@ -222,7 +230,7 @@ class DropDuplicateIds(beam.PTransform):
 class MatchIds(beam.PTransform):
     """validated records → (records to prepare, reused matches, duplicate-id dead letters): the records, in chunks,
     shuffled by a bucket of their id beside the stored rows of `stored_files` (in preference order,
-    transforms.reuse.preference_order: their ranks are their indexes), and matched a bucket at a time."""
+    transforms.embedding.reuse.preference_order: their ranks are their indexes), and matched a bucket at a time."""
 
     def __init__(self, stored_files: Sequence[StoredFile], max_image_pixels: int, max_image_bytes: int):
         super().__init__()

@@ -1,6 +1,6 @@
 """The predict job's steps: embeddings Parquet rows → checked rows → batches scored by the serving model.
 
-Shaped like the embedding step (`transforms.embed`): the SavedModel is loaded once per worker process in
+Shaped like the embedding step (`transforms.embedding.embed`): the SavedModel is loaded once per worker process in
 `DoFn.setup` through `shared.Shared`, batches come from `BatchElements`, and a batch the model rejects is scored
 row by row so that only the poisonous rows are dead-lettered. Every row read ends in the predictions or in the
 dead letters, and the counters say how many went where.
@@ -29,7 +29,7 @@ from transforms.dead_letters import (
     route,
     telling_message,
 )
-from transforms.embeddings_input import MASK_OF, iter_tables
+from transforms.downstream.embeddings_input import MASK_OF, iter_tables
 
 RECORDS_PREDICTED = pred.PredictRunReport.OUTPUT_COUNTER
 
@@ -117,7 +117,7 @@ class PredictBatch(beam.DoFn):
         self._failure_run: FailureRun | None = None
 
     def setup(self):
-        from transforms.serving import LoadedClassifier  # TensorFlow only on workers that score
+        from transforms.downstream.serving import LoadedClassifier  # TensorFlow only on workers that score
 
         self._failure_run = FailureRun()
         model_dir = self._model_dir

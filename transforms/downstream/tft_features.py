@@ -31,8 +31,8 @@ from tfx_bsl.public import tfxio
 
 # isort: on
 from schemas import embeddings as cols
-from transforms.embeddings_input import FEATURE_COLUMNS, MASK_OF, VECTOR_COLUMNS, iter_tables, vectors
-from transforms.split import SPLITS, TRAIN, split_of
+from transforms.downstream.embeddings_input import FEATURE_COLUMNS, MASK_OF, VECTOR_COLUMNS, iter_tables, vectors
+from transforms.downstream.split import SPLITS, TRAIN, split_of
 
 FEATURES = "features"  # transformed: the z-scored vector (concatenated, image first, for `both`) [B, d]
 MODALITY_MASK = "modality_mask"  # transformed, `both` only: [has_image, has_text] as float32 [B, 2]

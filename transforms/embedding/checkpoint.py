@@ -1,7 +1,7 @@
 """Checkpoints: each batch the encoders finish is also written under the output's `_staging/checkpoints/`.
 
-A killed run's rerun reads them back as one more reuse source (transforms.reuse), so it embeds again at most the
-batches that were in flight when it died. They are Parquet files of the output schema, fingerprints and
+A killed run's rerun reads them back as one more reuse source (transforms.embedding.reuse), so it embeds again at
+most the batches that were in flight when it died. They are Parquet files of the output schema, fingerprints and
 `hubembed.reuse_key` included, written under a temporary name and renamed, so a file there is always whole; the
 run that publishes deletes them with the rest of `_staging/`.
 """
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import layout
-from transforms.files import matching_files
+from transforms.embedding.files import matching_files
 
 
 def checkpoint_files(folder: str) -> list[tuple[str, int]]:

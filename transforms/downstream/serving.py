@@ -24,9 +24,9 @@ from apache_beam.io.filesystems import FileSystems
 from encoders.runtime import tf, tf_keras
 from schemas import embeddings as cols
 from schemas.training import MODEL_INFO_NAME, SERVING_SIGNATURE, ModelInfo
-from transforms.embeddings_input import MASK_OF
+from transforms.downstream.embeddings_input import MASK_OF
+from transforms.downstream.tft_features import FEATURES, MODALITY_MASK, vector_columns
 from transforms.image_decode import decode_or_zeros
-from transforms.tft_features import FEATURES, MODALITY_MASK, vector_columns
 
 LABELS_SIGNATURE = "labels"
 IMAGE_BYTES = "image_bytes"  # fine-tune serving input

@@ -1,5 +1,5 @@
-"""PrepareRecords: validate ids and text, drop duplicate ids and match stored rows (transforms.match_ids), fetch
-image bytes and check their headers (transforms.image_check).
+"""PrepareRecords: validate ids and text, drop duplicate ids and match stored rows (transforms.embedding.match_ids),
+fetch image bytes and check their headers (transforms.embedding.image_check).
 
 Everything that can be judged without a model is judged here, so the embed step only sees records it can embed
 (except images whose bytes are corrupt past the header, which only a decoder finds).
@@ -22,9 +22,9 @@ from schemas.records import (
     Stage,
 )
 from transforms.dead_letters import dead_letter, printable, route
-from transforms.image_check import fetch_and_check_image
-from transforms.match_ids import DropDuplicateIds, MatchIds
-from transforms.reuse import StoredFile
+from transforms.embedding.image_check import fetch_and_check_image
+from transforms.embedding.match_ids import DropDuplicateIds, MatchIds
+from transforms.embedding.reuse import StoredFile
 
 
 def _not_utf8(value: str | None) -> str | None:
@@ -88,7 +88,7 @@ class PrepareRecords(beam.PTransform):
                                 └──► reused: ((stored file rank, row group), (record, row)), for CopyStoredVectors
 
     Without stored files the reused output is empty, and `again` (the corpus read again, ReadCorpus.again) gives
-    the duplicate check its ids (transforms.match_ids). Records come out of FetchImages with their image bytes
+    the duplicate check its ids (transforms.embedding.match_ids). Records come out of FetchImages with their image bytes
     checked by header and their content fingerprints.
     """
 
