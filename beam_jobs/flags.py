@@ -162,6 +162,36 @@ def add_predict_flags(parser: argparse.ArgumentParser) -> None:
              help="replace the output of an earlier run in --output instead of refusing to start")
 
 
+def add_inspect_flags(parser: argparse.ArgumentParser) -> None:
+    """The inspection's flags (beam_jobs.inspect_output). OUTPUT is optional to argparse so that Beam's parser,
+    which every options class in the process shares, never requires it; the job says so in one line when missing."""
+    group = parser.add_argument_group("hubembed inspect", "Reads OUTPUT and writes the report to --output; no "
+                                                          "pipeline runs, so the runner flags of the note below "
+                                                          "change nothing.")
+    add_flag(group, "embeddings_output", nargs="?", metavar="OUTPUT",
+             help="an output folder of the embedding job (required; local or gs://): its embeddings-*.parquet, "
+                  "_dead_letters/, _run_report.json and _SUCCESS are read, never written")
+    add_flag(group, "--output", metavar="REPORT_DIR",
+             help="folder for the report (required): inspect.json, map.png, neighbours.json and neighbours.png, "
+                  "replaced if an earlier inspect wrote them; not OUTPUT nor inside it, where Parquet readers would "
+                  "meet them")
+    add_flag(group, "--sample", type=int, default=5000, metavar="N",
+             help="rows kept in the uniform random sample (reservoir, seeded) that the map and the neighbours are "
+                  "drawn from; memory is bounded by it, whatever the output's size (at least 2)")
+    add_flag(group, "--neighbours", type=int, default=5, metavar="K",
+             help="nearest neighbours shown per query (cosine similarity; the query itself left out)")
+    add_flag(group, "--queries", type=int, default=5, metavar="Q",
+             help="sampled records whose neighbours are shown (0: none; at most the sample's rows)")
+    add_flag(group, "--image_column", default=None, metavar="NAME",
+             help="a passthrough column holding each record's image path or URI (embed with --passthrough image), "
+                  "for the contact sheet (default: `image` when the output has it; without one, no contact sheet)")
+    add_flag(group, "--image_root", default=None, metavar="FOLDER",
+             help="folder (local or gs://) that relative image paths are resolved against, e.g. the manifest's "
+                  "folder (default: the current folder)")
+    add_flag(group, "--seed", type=int, default=0, metavar="S",
+             help="seed of the sample and of the queries drawn from it")
+
+
 @dataclasses.dataclass(frozen=True)
 class JobCommand:
     """A job as the command line sees it: `hubembed <name>` or `python -m <module>`, whose `main(argv)` runs it."""
@@ -189,4 +219,7 @@ TRAIN = JobCommand("train", "beam_jobs.train_classifier",
 PREDICT = JobCommand("predict", "beam_jobs.predict",
                      "The scoring job: embeddings Parquet + a classifier from train_classifier → predictions "
                      "Parquet.", add_predict_flags)
-JOBS = {command.name: command for command in (EMBED, TRAIN, PREDICT)}
+INSPECT = JobCommand("inspect", "beam_jobs.inspect_output",
+                     "A look at an embedding job's output: counts, modality coverage, vector norms, dead letters, "
+                     "labels and encoders, with a 2-D map and nearest neighbours of a sample.", add_inspect_flags)
+JOBS = {command.name: command for command in (EMBED, TRAIN, PREDICT, INSPECT)}

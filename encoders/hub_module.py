@@ -6,9 +6,9 @@ its output width and image size, so a bad handle fails at start in one line; `Lo
 builds in `setup()` (through `shared.Shared`, once per process) and calls per batch.
 
 An encoder is identified by its content, not its handle: `encoder_fingerprint` hashes the SavedModel's graph,
-variables and assets, `probe_encoder` records it in the spec, and `spec_identity` keeps what decides the vectors
-(that fingerprint and how the module is called), so the same model at another path is the same encoder and another
-model saved over the same path is not.
+variables and assets, `probe_encoder` records it in the spec, and `schemas.embeddings.spec_identity` keeps what
+decides the vectors (that fingerprint and how the module is called), so the same model at another path is the same
+encoder and another model saved over the same path is not.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -33,7 +32,6 @@ PROBE_CACHE_VERSION = 1  # raise when what a probe checks changes: older remembe
 FINGERPRINT_FILE = "fingerprint.pb"  # written into every SavedModel by tf.saved_model.save since TF 2.12
 # What decides an encoder's vectors, so what must match for two runs' embeddings to be comparable: the module's
 # content and how it is called. Not the handle (where it lies) nor the name (what this project calls it).
-IDENTITY_FIELDS = ("modality", "fingerprint", "signature", "output_key", "image_size", "dim")
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +59,6 @@ class EncoderSpec:
     @property
     def cache_tag(self) -> str:
         return self.to_json()
-
-
-def spec_identity(spec: Mapping) -> dict:
-    """An EncoderSpec as a dict (its JSON in the Parquet metadata) → the fields that decide its vectors.
-
-    A spec written before fingerprints existed has none: its handle is then the only identity there is.
-    """
-    fields = IDENTITY_FIELDS if spec.get("fingerprint") else tuple(
-        "handle" if field == "fingerprint" else field for field in IDENTITY_FIELDS)
-    return {field: spec[field] for field in fields if spec.get(field) is not None}
 
 
 def _sha256_of_file(path: str) -> str:

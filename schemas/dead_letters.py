@@ -2,11 +2,15 @@
 
 import pyarrow as pa
 
+ID = "id"
+REASON = "reason"
+MESSAGE = "message"
+
 DEAD_LETTER_SCHEMA = pa.schema([
-    pa.field("id", pa.string()),  # null when the record had no id
+    pa.field(ID, pa.string()),  # null when the record had no id
     pa.field("source", pa.string(), nullable=False),  # file:line, shard.tar#key, file.tfrecord#n
     pa.field("stage", pa.string(), nullable=False),  # read | prepare | embed
-    pa.field("reason", pa.string(), nullable=False),  # a schemas.records.Reason code
+    pa.field(REASON, pa.string(), nullable=False),  # a schemas.records.Reason code
     pa.field("error_class", pa.string(), nullable=False),  # the exception class, or the check that failed
-    pa.field("message", pa.string(), nullable=False),
+    pa.field(MESSAGE, pa.string(), nullable=False),
 ])

@@ -114,3 +114,17 @@ def encoder_identity(metadata: Mapping[str, str]) -> dict:
     """What must match between two files for their embeddings to be comparable: the encoders and the layout."""
     keys = (META_IMAGE_ENCODER, META_TEXT_ENCODER, META_IMAGE_PREPROCESSING, META_L2_NORMALIZE, META_EMBEDDING_LAYOUT)
     return {k: json.loads(metadata[k]) if k in metadata and metadata[k][:1] in "[{" else metadata.get(k) for k in keys}
+
+
+# The fields of an encoder spec (its JSON in the metadata) that decide its vectors: not its path.
+IDENTITY_FIELDS = ("modality", "fingerprint", "signature", "output_key", "image_size", "dim")
+
+
+def spec_identity(spec: Mapping) -> dict:
+    """An EncoderSpec as a dict (its JSON in the Parquet metadata) → the fields that decide its vectors.
+
+    A spec written before fingerprints existed has none: its handle is then the only identity there is.
+    """
+    fields = IDENTITY_FIELDS if spec.get("fingerprint") else tuple(
+        "handle" if field == "fingerprint" else field for field in IDENTITY_FIELDS)
+    return {field: spec[field] for field in fields if spec.get(field) is not None}

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import embed_corpus, launch, predict, train_classifier
-from encoders.hub_module import EncoderSpec, encoder_fingerprint, probe_encoder, spec_identity
+from encoders.hub_module import EncoderSpec, encoder_fingerprint, probe_encoder
 from schemas import embeddings as cols
 from schemas import predictions as pred
+from schemas.embeddings import spec_identity
 from scripts.make_sample_corpus import make_sample_corpus
 from tests import fixture_models
 from transforms.downstream.split import SPLITS, TEST, TRAIN, VALIDATION, split_of

@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from encoders.hub_module import spec_identity
 from schemas import embeddings as cols
 from schemas.layout import EMBEDDINGS_PREFIX, PARQUET_SUFFIX
 
@@ -50,9 +49,9 @@ class EmbeddingsInput:
 
 def content_identity(identity: dict) -> dict:
     """An encoder identity (`schemas.embeddings.encoder_identity`, or one a model recorded) with each encoder spec
-    reduced to what decides its vectors (`encoders.hub_module.spec_identity`): the same model at another path has
+    reduced to what decides its vectors (`schemas.embeddings.spec_identity`): the same model at another path has
     the same identity. Idempotent, so a model's recorded identity can be passed through it again."""
-    return {key: spec_identity(value) if key in ENCODER_KEYS and isinstance(value, dict) else value
+    return {key: cols.spec_identity(value) if key in ENCODER_KEYS and isinstance(value, dict) else value
             for key, value in identity.items()}
 
 
