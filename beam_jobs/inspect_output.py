@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_jobs import flags
 from beam_jobs.cli import exit_process
 from beam_jobs.launch import EXIT_OK, GLOB_CHARACTERS, JobConfigError, check_output_folder, job_main
-from beam_jobs.output_folder import report_job
+from beam_jobs.output_folder import read_run_report, report_job
 from schemas import embeddings as cols
 from schemas import layout
 from transforms.downstream import inspect
@@ -319,13 +319,8 @@ def _short(text: str, width: int = 22) -> str:
 
 def _run_report(output: str) -> dict | None:
     """The run report's counts, when OUTPUT has a run report that parses."""
-    path = FileSystems.join(output, layout.REPORT_NAME)
-    if not FileSystems.exists(path):
-        return None
-    try:
-        with FileSystems.open(path) as handle:
-            report = json.loads(handle.read())
-    except ValueError:
+    report = read_run_report(output)
+    if not isinstance(report, dict):
         return None
     return {key: report.get(key) for key in ("job", "read", "embedded", "dead_lettered", "dead_lettered_by_reason",
                                              "reconciled", "passed")}

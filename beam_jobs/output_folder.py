@@ -98,16 +98,25 @@ def _published_files(output: str, main_prefix: str) -> list[str]:
     return found
 
 
-def report_job(output: str) -> str | None:
-    """The job named by the run report published in `output`, if there is one."""
+def read_run_report(output: str) -> dict | str | None:
+    """The run report published in `output` as a dict; None when there is none, a sentence when it does not parse."""
     path = FileSystems.join(output, layout.REPORT_NAME)
     if not FileSystems.exists(path):
         return None
     try:
         with FileSystems.open(path) as handle:
-            return json.loads(handle.read()).get("job")
-    except (ValueError, AttributeError):
-        return "an unknown job (its run report does not parse)"
+            report = json.loads(handle.read())
+    except ValueError:
+        report = None
+    return report if isinstance(report, dict) else "its run report does not parse"
+
+
+def report_job(output: str) -> str | None:
+    """The job named by the run report published in `output`, if there is one."""
+    report = read_run_report(output)
+    if isinstance(report, str):
+        return f"an unknown job ({report})"
+    return report.get("job") if report else None
 
 
 def _take_lock(folder: RunFolder) -> None:
