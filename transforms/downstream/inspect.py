@@ -6,8 +6,9 @@ exact counts (rows, modality coverage, labels, vector norms) and a uniform rando
 the nearest neighbours (`nearest_neighbours`) are drawn from the sample; `load_thumbnail` reads a record's image for
 the contact sheet, a failure becoming a reason to show, never an error.
 
-No TensorFlow: transforms.downstream.embeddings_input reads these files too, but it imports TensorFlow (for encoder
-identities), and an inspection needs none of it; here the files are read with pyarrow and the maths is numpy.
+No TensorFlow: the files are read with pyarrow and the maths is numpy. Unlike the classifier's reader
+(transforms.downstream.embeddings_input, which refuses null vectors), a null vector here is a row of NaN: an
+inspection counts it as not finite rather than stopping.
 """
 
 from __future__ import annotations
