@@ -3,7 +3,8 @@ trainable `hub.KerasLayer` encoders under the classifier head.
 
 The records come from the same `ReadCorpus` + `PrepareRecords` the embedding job runs, in a Beam pipeline whose
 dead letters go to the same sink, and images are decoded by the same TensorFlow decoder
-(`transforms.image_decode.make_image_decoder`), so the fine-tuned model sees the pixels the frozen encoders saw.
+(`transforms.image_decode.decode_or_zeros`), so the fine-tuned model sees the pixels the frozen encoders saw. The
+records reach training through Parquet files, read back a batch at a time at every epoch (`RecordsSource`).
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ class RecordsSource:
     use_text: bool
     image_size: int | None
 
-    def chunks(self, columns: Sequence[str]) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
-        """Record batches of the labeled rows (`columns` of them), with each row's split: RECORDS_BATCH rows at a
-        time, so a batch of photos is tens of MB whatever the corpus."""
+    def chunks(self, columns: Sequence[str]) -> Iterator[tuple[pa.RecordBatch, int]]:
+        """(the labeled rows of a record batch, `columns` of them; how many of its rows were unlabeled):
+        RECORDS_BATCH rows at a time, so a batch of photos is tens of MB whatever the corpus."""
         for path in self.paths:
             with FileSystems.open(path) as handle:
                 for batch in pq.ParquetFile(handle).iter_batches(batch_size=RECORDS_BATCH, columns=list(columns)):
