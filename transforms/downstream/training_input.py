@@ -51,6 +51,7 @@ class Survey:
 
 
 def survey(source: RowSource) -> Survey:
+    """The counting pass: every row read once, only counts kept."""
     counts = Survey()
     for rows, skipped in source.labeled_chunks():
         counts.read += skipped.total + len(rows[cols.ID])
