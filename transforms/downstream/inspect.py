@@ -29,13 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import CompressionTypes, FileSystems
+from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas import dead_letters as letters
 from schemas import embeddings as cols
-from schemas.records import DEFAULT_MAX_IMAGE_BYTES
-from transforms.embedding.files import special_kind
+from schemas.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, Reason
+from transforms.embedding.image_check import ImageRefused, read_image
 
 BATCH_ROWS = 4096  # rows per record batch read: 4096 vectors of 1,408 float32 are 23 MB
 TOP_LABELS = 20  # labels listed by count in the report
@@ -43,6 +43,9 @@ THUMBNAIL_PIXELS = 128  # a contact sheet tile's longer side
 UMAP_NEIGHBOURS = 15  # UMAP's default neighbourhood: a sample must hold more rows than this for UMAP to be used
 PROGRESS_SECONDS = 10.0  # between progress lines of a long pass (one per file would flood the console)
 QUERY_CHUNK = 256  # queries scored against the sample at a time: a [256, sample] similarity block at most
+# What a contact sheet tile says of an image the bounded read refused (a missing file says "missing").
+REFUSED_AS = {Reason.IMAGE_NOT_A_FILE: "not a file", Reason.IMAGE_TOO_LARGE: "too large", Reason.IMAGE_EMPTY: "empty",
+              Reason.NOT_AN_IMAGE: "not an image"}
 
 log = logging.getLogger("hubembed")
 
@@ -358,21 +361,13 @@ def load_thumbnail(reference: str | None, image_root: str | None,
     a bad image; a local path that is not a regular file (a FIFO would block) is never opened."""
     if not reference:
         return None, "no image"
-    path = resolve_image(reference, image_root)
-    if "://" not in path:
-        try:
-            kind = special_kind(os.stat(path).st_mode)
-        except OSError:
-            return None, "missing"
-        if kind is not None:
-            return None, f"not a file: {kind}"
-    try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            data = handle.read(DEFAULT_MAX_IMAGE_BYTES + 1)
-    except Exception as error:  # BeamIOError wrapping the filesystem's own, no filesystem for the scheme
-        return None, f"unreadable: {_first_line(error)}"
-    if len(data) > DEFAULT_MAX_IMAGE_BYTES:
-        return None, f"over {DEFAULT_MAX_IMAGE_BYTES // 2 ** 20} MiB"
+    try:  # the embedding job's own bounded read: special files refused unopened, at most the byte cap read
+        data = read_image(resolve_image(reference, image_root), DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS)
+    except ImageRefused as refused:
+        if refused.reason == Reason.IMAGE_MISSING:
+            return None, "missing" if isinstance(refused.error, FileNotFoundError) else (
+                f"unreadable: {_first_line(refused)}")
+        return None, f"{REFUSED_AS.get(refused.reason, refused.reason)}: {_first_line(refused)}"
     try:
         with warnings.catch_warnings():
             # The embedding job judged the image's pixels already; PIL's own bomb limit still raises, well above.
