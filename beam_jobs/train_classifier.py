@@ -329,7 +329,7 @@ def _fine_tune_on(paths: list[str], plan: TrainPlan, job: TrainClassifierOptions
     source = fine_tune.RecordsSource(tuple(paths), job.validation_ratio, job.test_ratio, use_image, use_text,
                                      plan.image.image_size if plan.image else None)
     counts = source.survey()
-    labels = fine_tune.label_vocabulary(list(counts.labels[TRAIN].elements()), plan.top_k, plan.frequency_threshold)
+    labels = fine_tune.label_vocabulary(counts.labels[TRAIN], plan.top_k, plan.frequency_threshold)
     if len(labels) < 2:
         raise JobConfigError(f"the training split has {len(labels)} label(s): a classifier needs at least 2")
     _check_splits(counts, labels)

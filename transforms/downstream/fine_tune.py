@@ -9,9 +9,8 @@ records reach training through Parquet files, read back a batch at a time at eve
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -173,9 +172,9 @@ class RecordsSource:
         return dataset.map(model_inputs, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
 
 
-def label_vocabulary(labels: Sequence[str], top_k: int | None, frequency_threshold: int | None) -> list[str]:
-    """Most frequent first (ties: the greater string first, as tf.Transform orders them), with the same limits."""
-    counts = collections.Counter(labels)
+def label_vocabulary(counts: Mapping[str, int], top_k: int | None, frequency_threshold: int | None) -> list[str]:
+    """The training split's label counts → the labels, most frequent first (ties: the greater string first, as
+    tf.Transform orders them), with the same limits."""
     ordered = sorted(counts.items(), key=lambda item: (item[1], item[0].encode("utf-8")), reverse=True)
     kept = [label for label, count in ordered if not frequency_threshold or count >= frequency_threshold]
     return kept[:top_k] if top_k else kept
