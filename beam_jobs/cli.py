@@ -18,7 +18,7 @@ from beam_jobs.flags import JOBS
 
 # Commands whose module parses its own arguments (its own subcommands); cheap to import.
 DELEGATED = {
-    "encoders": ("encoders.pretrained", "the pretrained default encoders: `hubembed encoders bake`"),
+    "encoders": ("encoders.commands", "the baked encoders: `hubembed encoders list`, `hubembed encoders bake`"),
 }
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 from importlib import metadata as package_metadata
 
 import apache_beam as beam
@@ -24,8 +23,10 @@ from beam_jobs import flags, output_folder
 from beam_jobs.cli import exit_process
 from beam_jobs.flags import NO_ENCODER
 from beam_jobs.launch import LOCAL_RUNNERS, REMOTE_RUNNERS, JobConfigError, finish_run, job_main, single_worker
-from encoders import pretrained
-from encoders.hub_module import EncoderConfigError, EncoderSpec, probe_encoder
+from encoders import resolve as encoder_resolve
+from encoders.hub_module import EncoderConfigError, EncoderSpec
+from encoders.preprocessing import image_preprocessing
+from encoders.resolve import EncoderChoice
 from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas import layout
@@ -48,7 +49,6 @@ from transforms.embedding.write import WriteDeadLetters, WriteEmbeddings
 from transforms.report import ProgressLog
 
 JOB_NAME = "embed_corpus"
-PROBE_CACHE_DIR = "_probes"  # in the encoder cache: what start-up learnt of each module's content
 
 log = logging.getLogger("hubembed")
 
@@ -82,23 +82,27 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def resolve_encoder(modality: str, handle: str, signature: str | None, output_key: str | None,
-                    image_size: int | None, cache_dir: str | None) -> EncoderSpec | None:
-    """A handle flag → a probed EncoderSpec: empty is the baked default, `none` is no encoder (None)."""
-    if handle.strip().lower() == NO_ENCODER:
+def resolve_encoder(choice: EncoderChoice) -> EncoderSpec | None:
+    """An encoder's flags → a probed EncoderSpec (encoders.resolve), or None for `none` (no encoder)."""
+    if choice.handle.strip().lower() == NO_ENCODER:
         return None
-    name = None
-    if not handle:
-        name = pretrained.DEFAULT_IMAGE_ENCODER if modality == "image" else pretrained.DEFAULT_TEXT_ENCODER
-        try:
-            handle = pretrained.ensure_baked(name, cache_dir)
-        except pretrained.EncoderUnavailable as error:
-            raise JobConfigError(str(error)) from error
-    spec = EncoderSpec(modality=modality, handle=handle, signature=signature, output_key=output_key, name=name)
     try:
-        return probe_encoder(spec, image_size, os.path.join(pretrained.cache_dir(cache_dir), PROBE_CACHE_DIR))
+        return encoder_resolve.resolve_encoder(choice)
     except EncoderConfigError as error:
         raise JobConfigError(str(error)) from error
+
+
+def encoder_choices(job, signatures: bool = True) -> tuple[EncoderChoice, EncoderChoice]:
+    """(image, text): what a job's encoder flags say (add_image_input_flags' and the handles; the signature and
+    output-key flags where the job has them)."""
+    def call(modality: str) -> dict:
+        return {"signature": getattr(job, f"{modality}_signature"),
+                "output_key": getattr(job, f"{modality}_output_key")} if signatures else {}
+
+    image = EncoderChoice("image", job.image_encoder, image_size=job.image_size, weights=job.image_encoder_weights,
+                          input_convention=job.image_input_convention, resize=job.image_resize,
+                          cache_dir=job.encoder_cache_dir, **call("image"))
+    return image, EncoderChoice("text", job.text_encoder, cache_dir=job.encoder_cache_dir, **call("text"))
 
 
 def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
@@ -122,10 +126,8 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
         match_patterns(job.input, input_format)
     except CorpusConfigError as error:
         raise JobConfigError(str(error)) from error
-    image = resolve_encoder("image", job.image_encoder, job.image_signature, job.image_output_key,
-                             job.image_size, job.encoder_cache_dir)
-    text = resolve_encoder("text", job.text_encoder, job.text_signature, job.text_output_key,
-                            None, job.encoder_cache_dir)
+    image_choice, text_choice = encoder_choices(job)
+    image, text = resolve_encoder(image_choice), resolve_encoder(text_choice)
     if image is None and text is None:
         raise JobConfigError(f"both encoders are '{NO_ENCODER}': there is nothing to embed")
     if runner in REMOTE_RUNNERS:
@@ -152,15 +154,8 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
     }
     if image is not None:
         metadata[cols.META_IMAGE_ENCODER] = image.to_json()
-        metadata[cols.META_IMAGE_PREPROCESSING] = json.dumps({
-            "decoder": "tf.io.decode_image, first frame of animations, 3 channels (grey and RGBA made RGB), "
-                       "8-bit BMPs through their palette",
-            "orientation": "JPEG Exif orientation applied (2-8, as PIL.ImageOps.exif_transpose)",
-            "jpeg_dct_scale": "a JPEG is decoded at the largest of libjpeg's 1/2, 1/4, 1/8 scales whose short side "
-                              "stays >= size (tf.io.decode_jpeg ratio)",
-            "resize": "tf.image.resize area when shrinking, bilinear (antialias) when enlarging, no crop",
-            "size": [image.image_size, image.image_size],
-            "value_range": [0.0, 1.0], "dtype": "float32"}, sort_keys=True)
+        metadata[cols.META_IMAGE_PREPROCESSING] = json.dumps(
+            image_preprocessing(image.image_size, image.input_convention, image.resize), sort_keys=True)
     if text is not None:
         metadata[cols.META_TEXT_ENCODER] = text.to_json()
     dtype = "float16" if job.float16 else "float32"

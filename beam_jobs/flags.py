@@ -6,7 +6,8 @@ and `hubembed <command>` calls it on a parser of its own, to print help and chec
 second, before the job's module (Beam, TensorFlow: seconds of imports) is imported at all.
 
 The defaults and choices the flags share with the steps that use them (the readers' formats, prepare's limits,
-the head's class-weight modes) live in schemas/, which imports neither.
+the head's class-weight modes) live in schemas/, the image encoders' input conventions in encoders.preprocessing:
+none of them imports Beam or TensorFlow.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 from collections.abc import Callable
 
 from beam_jobs.options import add_flag
+from encoders.preprocessing import AREA, CONVENTION_NAMES, RESIZE_METHODS
 from schemas.embeddings import VECTOR_CHOICES, VECTORS_CONCAT
 from schemas.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TEXT_CHARS, INPUT_FORMATS
 from schemas.training import CLASS_WEIGHT_MODES, FEATURES
@@ -43,6 +45,22 @@ def batch_bounds(job) -> tuple[int, int]:
     return (job.batch_size if job.min_batch_size is None else job.min_batch_size), job.batch_size
 
 
+def add_image_input_flags(group) -> None:
+    """How an image encoder is fed, the same flags in every job that runs one (embed, fine-tune)."""
+    add_flag(group, "--image_size", type=int, default=None,
+             help="image height = width fed to the image encoder when its input signature does not "
+                  "fix it (default 224)")
+    add_flag(group, "--image_encoder_weights", default=None,
+             help="weights file (.weights.h5 / .h5, local or gs://) of a keras.applications.NAME image encoder")
+    add_flag(group, "--image_input_convention", default=None, choices=CONVENTION_NAMES,
+             help="the image encoder's input: unit ([0, 1] RGB, TF Hub's), symmetric ([-1, 1]), caffe (BGR less "
+                  "the ImageNet means), torch (ImageNet mean/std), raw (0-255); default: the encoder's own (a "
+                  "Keras application family's preprocess_input, else unit)")
+    add_flag(group, "--image_resize", default=AREA, choices=tuple(RESIZE_METHODS),
+             help="how images are brought to the encoder's size: area (shrink by area, enlarge bilinear), "
+                  "bilinear, bicubic (both antialiased) or nearest")
+
+
 def add_embed_flags(parser: argparse.ArgumentParser) -> None:
     """The embedding job's flags (beam_jobs.embed_corpus)."""
     group = parser.add_argument_group("hubembed embed_corpus")
@@ -63,16 +81,15 @@ def add_embed_flags(parser: argparse.ArgumentParser) -> None:
              help="force the input format instead of inferring it from --input")
     for modality, default_name in (("image", "MobileNet V1 feature vector"), ("text", "all-MiniLM-L6-v2")):
         add_flag(group, f"--{modality}_encoder", default="",
-                 help=f"{modality} encoder: a TF Hub / Kaggle handle or a SavedModel folder (local or "
-                      f"gs://); empty: the project's baked {default_name}; '{NO_ENCODER}': no "
-                      f"{modality} embedding")
+                 help=f"{modality} encoder: a baked encoder's name (`hubembed encoders list`), a TF Hub / Kaggle "
+                      f"handle, a SavedModel folder, a Keras model (.keras, .h5, Keras SavedModel folder"
+                      f"{', or keras.applications.NAME with --image_encoder_weights' if modality == 'image' else ''})"
+                      f", local or gs://; empty: the baked {default_name}; '{NO_ENCODER}': no {modality} embedding")
         add_flag(group, f"--{modality}_signature", default=None,
                  help=f"signature of the {modality} module to call (default: the module's __call__)")
         add_flag(group, f"--{modality}_output_key", default=None,
                  help=f"output key of the {modality} module's dict output, if it returns one")
-    add_flag(group, "--image_size", type=int, default=None,
-             help="image height = width fed to the image encoder when its input signature does not "
-                  "fix it (default 224)")
+    add_image_input_flags(group)
     add_flag(group, "--passthrough", default="", help="comma-separated input columns copied to the output")
     add_batch_flags(group)
     add_flag(group, "--num_shards", type=int, default=0, help="output Parquet files (0: the runner chooses)")
@@ -138,7 +155,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
              help="the raw corpus's format (as embed_corpus)")
     add_flag(fine, "--image_encoder", default="", help="image encoder handle (as embed_corpus)")
     add_flag(fine, "--text_encoder", default="", help="text encoder handle (as embed_corpus)")
-    add_flag(fine, "--image_size", type=int, default=None, help="image size when the encoder does not fix it")
+    add_image_input_flags(fine)
     add_flag(fine, "--fine_tune_learning_rate", type=float, default=1e-4,
              help="Adam learning rate of the whole model (encoders and head) in fine-tune mode")
     add_flag(fine, "--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,

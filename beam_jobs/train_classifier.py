@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from beam_jobs import flags
 from beam_jobs.cli import exit_process
-from beam_jobs.embed_corpus import NO_ENCODER, resolve_encoder
+from beam_jobs.embed_corpus import NO_ENCODER, encoder_choices, resolve_encoder
 from beam_jobs.launch import (
     EXIT_OK,
     REMOTE_RUNNERS,
@@ -41,6 +41,7 @@ from beam_jobs.launch import (
     pin_direct_runner,
 )
 from encoders.hub_module import EncoderSpec
+from encoders.preprocessing import AREA, image_preprocessing
 from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas import layout
@@ -188,9 +189,9 @@ def plan_job(job: TrainClassifierOptions, runner: str | None = None, temp_locati
     for modality, handle, used in (("image", job.image_encoder, use_image), ("text", job.text_encoder, use_text)):
         if used and handle.strip().lower() == NO_ENCODER:
             raise JobConfigError(f"--features {job.features} needs an {modality} encoder, not '{NO_ENCODER}'")
-    image = resolve_encoder("image", job.image_encoder, None, None, job.image_size,
-                             job.encoder_cache_dir) if use_image else None
-    text = resolve_encoder("text", job.text_encoder, None, None, None, job.encoder_cache_dir) if use_text else None
+    image_choice, text_choice = encoder_choices(job, signatures=False)
+    image = resolve_encoder(image_choice) if use_image else None
+    text = resolve_encoder(text_choice) if use_text else None
     outputs = _check_output(job.output, job.overwrite, fine_tuning=True)
     return TrainPlan("fine_tune", head, outputs, top_k, threshold, input_format=input_format, image=image, text=text)
 
@@ -327,7 +328,8 @@ def _fine_tune_on(paths: list[str], plan: TrainPlan, job: TrainClassifierOptions
                   started: float) -> TrainingReport:
     use_image, use_text = plan.image is not None, plan.text is not None
     source = fine_tune.RecordsSource(tuple(paths), job.validation_ratio, job.test_ratio, use_image, use_text,
-                                     plan.image.image_size if plan.image else None)
+                                     plan.image.image_size if plan.image else None,
+                                     (plan.image.resize if plan.image else None) or AREA)
     counts = source.survey()
     labels = fine_tune.label_vocabulary(counts.labels[TRAIN], plan.top_k, plan.frequency_threshold)
     if len(labels) < 2:
@@ -380,12 +382,15 @@ def _fine_tune_on(paths: list[str], plan: TrainPlan, job: TrainClassifierOptions
     metadata = {}
     if plan.image:
         metadata[cols.META_IMAGE_ENCODER] = plan.image.to_json()
+        metadata[cols.META_IMAGE_PREPROCESSING] = json.dumps(
+            image_preprocessing(plan.image.image_size, plan.image.input_convention, plan.image.resize), sort_keys=True)
     if plan.text:
         metadata[cols.META_TEXT_ENCODER] = plan.text.to_json()
     info = ModelInfo(mode=plan.mode, features=job.features, labels=labels,
                      inputs={name: 0 for name, used in (("image_bytes", use_image), ("text", use_text)) if used},
                      encoder_identity=embeddings_identity(metadata))
-    export(FineTunedModel(model, labels, use_image, use_text, source.image_size), plan.outputs["model"], info)
+    export(FineTunedModel(model, labels, use_image, use_text, source.image_size, source.image_resize),
+           plan.outputs["model"], info)
     true_ids, predicted = _write_test_predictions(plan.outputs["test_predictions"], scored(), labels, info)
     rows = {"read": totals.get("records_read", 0), "dead_lettered": totals.get("dead_lettered", 0),
             **counts.skipped.counts(),  # unlabeled only: the encoders run in the model, there are no vectors

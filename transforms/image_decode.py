@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from encoders.preprocessing import AREA, RESIZE_METHODS
 from encoders.runtime import tf
 from transforms.dead_letters import telling_message
 
@@ -151,48 +152,56 @@ def _decode_rgb_for(data: tf.Tensor, size: int) -> tf.Tensor:
                    lambda: _decode_rgb(data))
 
 
-def _decode(data: tf.Tensor, size: int, orientation: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _resize(stored: tf.Tensor, size: int, resize: str) -> tf.Tensor:
+    """[H, W, 3] uint8 → [size, size, 3] float32 on 0-255 by `resize` (encoders.preprocessing.RESIZE_METHODS)."""
+    if resize == AREA:
+        # A shrink averages each output pixel's area (a plain bilinear shrink samples 4 pixels of it and aliases fine
+        # detail; bilinear with antialias filters as well, at twice the cost); an image smaller than `size` on a side
+        # is enlarged bilinear, which area resizing would do by repeating pixels.
+        shrinking = tf.reduce_all(tf.shape(stored)[:2] >= size)
+        return tf.cond(shrinking, lambda: tf.image.resize(stored, [size, size], method="area"),
+                       lambda: tf.image.resize(stored, [size, size], method="bilinear", antialias=True))
+    if resize not in RESIZE_METHODS:
+        raise ValueError(f"unknown resize method {resize!r}; known: {', '.join(RESIZE_METHODS)}")
+    return tf.image.resize(stored, [size, size], method=resize, antialias=resize != "nearest")
+
+
+def _decode(data: tf.Tensor, size: int, orientation: tf.Tensor, resize: str = AREA) -> tuple[tf.Tensor, tf.Tensor]:
     """(pixels, ends_grey): decode_and_resize's pixels, and whether the image is a JPEG whose last pixel is the flat
     grey libjpeg writes where a JPEG's data ended early (see ImageDecoder)."""
     stored = _decode_rgb_for(data, size)
     # Resized from uint8, then scaled to [0, 1]: a float copy of the whole decoded image would be 4 bytes a channel.
-    # A shrink averages each output pixel's area (a plain bilinear shrink samples 4 pixels of it and aliases fine
-    # detail; bilinear with antialias filters as well, at twice the cost); an image smaller than `size` on a side is
-    # enlarged bilinear, which area resizing would do by repeating pixels.
-    shrinking = tf.reduce_all(tf.shape(stored)[:2] >= size)
-    image = tf.cond(shrinking, lambda: tf.image.resize(stored, [size, size], method="area"),
-                    lambda: tf.image.resize(stored, [size, size], method="bilinear", antialias=True))
-    image = tf.clip_by_value(image / 255.0, 0.0, 1.0)
+    image = tf.clip_by_value(_resize(stored, size, resize) / 255.0, 0.0, 1.0)
     # Oriented after the resize: on the square image it is cheaper, and resizing commutes with transposes and mirrors.
     pixels = _orient(image, orientation)
     ends_grey = _starts_with(data, b"\xff\xd8") & tf.reduce_all(tf.equal(stored[-1, -1], JPEG_FILL_GREY))
     return pixels, ends_grey
 
 
-def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
+def decode_and_resize(data: tf.Tensor, size: int, resize: str = AREA) -> tf.Tensor:
     """One encoded image (a scalar string tensor) → [size, size, 3] float32 in [0, 1], upright, in graph ops.
 
     JPEG (and MPO's first picture), PNG, GIF (first frame), BMP (8-bit through its palette), still WebP; grey and
-    RGBA made RGB; a large JPEG decoded at the DCT scale that keeps its short side ≥ `size`; shrunk by area
-    averaging (enlarged bilinear); turned upright by the JPEG's Exif orientation, as PIL.ImageOps.exif_transpose
-    does. The one decoder of the project: the embed step, fine-tune training and the fine-tuned serving model all
-    call it, so serving sees the pixels training saw.
+    RGBA made RGB; a large JPEG decoded at the DCT scale that keeps its short side ≥ `size`; resized by `resize`
+    (the default shrinks by area averaging and enlarges bilinear); turned upright by the JPEG's Exif orientation, as
+    PIL.ImageOps.exif_transpose does. The one decoder of the project: the embed step, fine-tune training and the
+    fine-tuned serving model all call it, so serving sees the pixels training saw.
     """
-    return _decode(data, size, exif_orientation(data))[0]
+    return _decode(data, size, exif_orientation(data), resize)[0]
 
 
-def decode_or_zeros(data: tf.Tensor, size: int) -> tf.Tensor:
+def decode_or_zeros(data: tf.Tensor, size: int, resize: str = AREA) -> tf.Tensor:
     """decode_and_resize, or zeros for empty bytes (a record without an image), in graph ops."""
-    return tf.cond(tf.strings.length(data) > 0, lambda: decode_and_resize(data, size),
+    return tf.cond(tf.strings.length(data) > 0, lambda: decode_and_resize(data, size, resize),
                    lambda: tf.zeros([size, size, 3], tf.float32))
 
 
-def make_image_decoder(size: int):
+def make_image_decoder(size: int, resize: str = AREA):
     """bytes → [size, size, 3] float32 in [0, 1] (decode_and_resize as one traced function, for eager callers)."""
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
     def decode(data):
-        return decode_and_resize(data, size)
+        return decode_and_resize(data, size, resize)
 
     return decode
 
@@ -228,17 +237,17 @@ class ImageDecoder:
     same, one whose data ended early decodes them into its missing blocks, which change.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, resize: str = AREA):
         spec = [tf.TensorSpec([], tf.string)]
         self._size = size
         # autograph=False: the graph's control flow is explicit (tf.cond, tf.while_loop, tf.map_fn), and converting
         # the Python first would double the time of the first call, which every worker pays.
-        self._decode = tf.function(lambda data: _decode(data, size, exif_orientation(data)), input_signature=spec,
-                                   autograph=False)
+        self._decode = tf.function(lambda data: _decode(data, size, exif_orientation(data), resize),
+                                   input_signature=spec, autograph=False)
         self._decode_stored = tf.function(_decode_rgb, input_signature=spec, autograph=False)
         # A batch decoded as one graph: map_fn runs PARALLEL_DECODES images at once on TensorFlow's inter-op threads.
         self._decode_many = tf.function(
-            lambda data: tf.map_fn(lambda one: _decode(one[0], size, one[1]), (data, exif_orientations(data)),
+            lambda data: tf.map_fn(lambda one: _decode(one[0], size, one[1], resize), (data, exif_orientations(data)),
                                    parallel_iterations=PARALLEL_DECODES, fn_output_signature=(tf.float32, tf.bool)),
             input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
 

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from encoders.hub_module import EncoderSpec, keras_layer
+from encoders.hub_module import EncoderSpec, keras_layer, model_inputs
+from encoders.preprocessing import AREA
 from encoders.runtime import hub, tf, tf_keras
 from schemas import embeddings as cols
 from schemas.layout import PARQUET_SUFFIX
@@ -108,6 +109,7 @@ class RecordsSource:
     use_image: bool
     use_text: bool
     image_size: int | None
+    image_resize: str = AREA  # encoders.preprocessing.RESIZE_METHODS
 
     def chunks(self, columns: Sequence[str]) -> Iterator[tuple[pa.RecordBatch, int]]:
         """(the labeled rows of a record batch, `columns` of them; how many of its rows were unlabeled):
@@ -162,7 +164,7 @@ class RecordsSource:
         def model_inputs(row: dict, label_id: tf.Tensor):
             inputs = {}
             if self.use_image:
-                inputs[IMAGE_INPUT] = decode_or_zeros(row["image_bytes"], size)
+                inputs[IMAGE_INPUT] = decode_or_zeros(row["image_bytes"], size, self.image_resize)
                 inputs[cols.HAS_IMAGE] = tf.cast(tf.strings.length(row["image_bytes"]) > 0, tf.float32)[None]
             if self.use_text:
                 inputs[TEXT_INPUT] = row["text"]
@@ -193,7 +195,7 @@ def build_fine_tune_model(image: EncoderSpec | None, text: EncoderSpec | None, n
         inputs[name] = tf_keras.Input(shape=shape, dtype=tf.float32 if name == IMAGE_INPUT else tf.string, name=name)
         inputs[mask_name] = tf_keras.Input(shape=(1,), dtype=tf.float32, name=mask_name)
         encoder = keras_layer(spec, trainable=True, name=f"{spec.modality}_encoder")
-        parts.append(encoder(inputs[name]) * inputs[mask_name])
+        parts.append(encoder(model_inputs(spec, inputs[name])) * inputs[mask_name])
         masks.append(inputs[mask_name])
     vector = tf_keras.layers.Concatenate(name="embedding")(parts) if len(parts) > 1 else parts[0]
     # The frozen mode z-scores the vector with tf.Transform; here the encoders move, so the scale is learnt at

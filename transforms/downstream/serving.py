@@ -21,6 +21,7 @@ import json
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from encoders.preprocessing import AREA
 from encoders.runtime import tf, tf_keras
 from schemas import embeddings as cols
 from schemas.training import MODEL_INFO_NAME, SERVING_SIGNATURE, ModelInfo
@@ -77,11 +78,12 @@ class FineTunedModel(tf.Module):
     """Raw image bytes and/or text → the fine-tuned encoders and head (one Keras model) → label."""
 
     def __init__(self, keras_model: tf_keras.Model, labels: list[str], use_image: bool, use_text: bool,
-                 image_size: int | None):
+                 image_size: int | None, image_resize: str = AREA):
         super().__init__(name="hubembed_fine_tuned_classifier")
         self.keras_model = keras_model
         self.labels = tf.constant(labels)
         self.use_image, self.use_text, self.image_size = use_image, use_text, image_size
+        self.image_resize = image_resize
         spec = {}
         if use_image:
             spec[IMAGE_BYTES] = tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)
@@ -91,7 +93,7 @@ class FineTunedModel(tf.Module):
         self.label_vocabulary = tf.function(lambda: {"labels": self.labels}, input_signature=[])
 
     def _decode_one(self, data: tf.Tensor) -> tf.Tensor:
-        return decode_or_zeros(data, self.image_size)
+        return decode_or_zeros(data, self.image_size, self.image_resize)
 
     def _serve(self, inputs: dict) -> dict:
         model_inputs = {}

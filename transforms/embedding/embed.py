@@ -20,6 +20,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from encoders.hub_module import EncoderSpec, LoadedEncoder
+from encoders.preprocessing import AREA
 from encoders.runtime import configure_devices
 from schemas import embeddings as cols
 from schemas.records import DeadLetter, Reason, Record, Stage
@@ -59,7 +60,8 @@ class Encoders:
     def __init__(self, config: EmbedConfig, device: str):
         self.image = LoadedEncoder(config.image, device) if config.image else None
         self.text = LoadedEncoder(config.text, device) if config.text else None
-        self.image_decoder = ImageDecoder(config.image.image_size) if config.image else None
+        self.image_decoder = (ImageDecoder(config.image.image_size, config.image.resize or AREA) if config.image
+                              else None)
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
