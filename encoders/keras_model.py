@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 
@@ -224,7 +225,9 @@ def _load_application(architecture: Callable, weights: str, size: int):
         raise KerasEncoderError(f"keras.applications.{architecture.__name__} at {size}x{size}: "
                                 f"{one_line(error)}") from error
     try:
-        model.load_weights(weights)
+        with warnings.catch_warnings():  # a file that does not fit warns once per layer before it fails
+            warnings.simplefilter("ignore")
+            model.load_weights(weights)
     except Exception as error:  # a file of another architecture, with the top, or not a weights file
         raise KerasEncoderError(
             f"weights {weights!r} do not fit keras.applications.{architecture.__name__} without its top "

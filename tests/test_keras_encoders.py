@@ -38,9 +38,9 @@ def application(tmp_path_factory) -> tuple[keras.Model, str]:
     return model, path
 
 
-def image_model_keras3(path: str) -> keras.Model:
+def image_model_keras3(path: str, seed: int = 9) -> keras.Model:
     """A small Keras 3 CNN whose output is a feature map (pooled by the wrapper) and that sees colour order."""
-    keras.utils.set_random_seed(9)
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Conv2D(6, 3, strides=2, activation="relu")(inputs)
     x = keras.layers.BatchNormalization()(x)
@@ -136,21 +136,23 @@ def test_tf_keras_files_are_encoders(tmp_path, saved_as):
     np.testing.assert_allclose(converted, model(pixels * 255.0).numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_a_converted_model_fine_tunes_and_is_converted_once(application, tmp_path):
-    _, weights = application
-    cache = str(tmp_path / "cache")
-    choice = EncoderChoice("image", "keras.applications.MobileNetV2", image_size=SIZE, weights=weights,
-                           cache_dir=cache)
+def test_a_converted_model_fine_tunes_and_is_converted_once(tmp_path):
+    image_model_keras3(str(tmp_path / "cnn.keras"))
+    choice = EncoderChoice("image", str(tmp_path / "cnn.keras"), input_convention="unit",
+                           cache_dir=str(tmp_path / "cache"))
     spec = resolve_encoder(choice)
     stamp = os.stat(os.path.join(spec.handle, "saved_model.pb")).st_mtime_ns
     assert resolve_encoder(choice).handle == spec.handle  # found, not converted again
     assert os.stat(os.path.join(spec.handle, "saved_model.pb")).st_mtime_ns == stamp
     assert not [entry for entry in os.listdir(os.path.dirname(spec.handle)) if ".baking-" in entry]
+    image_model_keras3(str(tmp_path / "cnn.keras"), seed=10)  # another model saved over the same file
+    assert resolve_encoder(choice).handle != spec.handle
 
     layer = hub.KerasLayer(spec.handle, trainable=True)
-    classifier = tf_keras.Sequential([tf_keras.Input((SIZE, SIZE, 3)), layer, tf_keras.layers.Dense(2)])
-    assert len(layer.trainable_weights) > 100  # every convolution, not only the head
-    images = np.random.RandomState(1).uniform(-1, 1, size=(8, SIZE, SIZE, 3)).astype(np.float32)
+    classifier = tf_keras.Sequential([tf_keras.Input((32, 32, 3)), layer, tf_keras.layers.Dense(2)])
+    # Both convolutions' kernels and biases and batch norm's scale and offset; its moving statistics are not.
+    assert len(layer.trainable_weights) == 6 and len(layer.non_trainable_weights) == 2
+    images = np.random.RandomState(1).uniform(size=(8, 32, 32, 3)).astype(np.float32)
     before = layer(images, training=False).numpy()
     classifier.compile(optimizer=tf_keras.optimizers.SGD(0.5),
                        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
