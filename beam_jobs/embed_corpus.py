@@ -92,17 +92,17 @@ def resolve_encoder(choice: EncoderChoice) -> EncoderSpec | None:
         raise JobConfigError(str(error)) from error
 
 
-def encoder_choices(job, signatures: bool = True) -> tuple[EncoderChoice, EncoderChoice]:
-    """(image, text): what a job's encoder flags say (add_image_input_flags' and the handles; the signature and
-    output-key flags where the job has them)."""
-    def call(modality: str) -> dict:
-        return {"signature": getattr(job, f"{modality}_signature"),
-                "output_key": getattr(job, f"{modality}_output_key")} if signatures else {}
+def encoder_choices(job) -> tuple[EncoderChoice, EncoderChoice]:
+    """(image, text): what a job's encoder flags say (the handles, add_image_input_flags', and the signature and
+    output-key flags of the jobs that have them)."""
+    def called(modality: str) -> dict:
+        return {"signature": getattr(job, f"{modality}_signature", None),
+                "output_key": getattr(job, f"{modality}_output_key", None)}
 
     image = EncoderChoice("image", job.image_encoder, image_size=job.image_size, weights=job.image_encoder_weights,
                           input_convention=job.image_input_convention, resize=job.image_resize,
-                          cache_dir=job.encoder_cache_dir, **call("image"))
-    return image, EncoderChoice("text", job.text_encoder, cache_dir=job.encoder_cache_dir, **call("text"))
+                          cache_dir=job.encoder_cache_dir, **called("image"))
+    return image, EncoderChoice("text", job.text_encoder, cache_dir=job.encoder_cache_dir, **called("text"))
 
 
 def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:

@@ -189,7 +189,7 @@ def plan_job(job: TrainClassifierOptions, runner: str | None = None, temp_locati
     for modality, handle, used in (("image", job.image_encoder, use_image), ("text", job.text_encoder, use_text)):
         if used and handle.strip().lower() == NO_ENCODER:
             raise JobConfigError(f"--features {job.features} needs an {modality} encoder, not '{NO_ENCODER}'")
-    image_choice, text_choice = encoder_choices(job, signatures=False)
+    image_choice, text_choice = encoder_choices(job)
     image = resolve_encoder(image_choice) if use_image else None
     text = resolve_encoder(text_choice) if use_text else None
     outputs = _check_output(job.output, job.overwrite, fine_tuning=True)
