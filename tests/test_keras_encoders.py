@@ -24,16 +24,16 @@ from tests.test_embed_config import fails_in_one_line
 from tests.test_encoder_conventions import by_hand, read_output
 from transforms.image_decode import decode_and_resize
 
-SIZE = 64  # small enough for a fast test, large enough for MobileNetV2's strides
+SIZE = 64  # small enough for a fast test, large enough for MobileNet's strides
 
 
 @pytest.fixture(scope="module")
 def application(tmp_path_factory) -> tuple[keras.Model, str]:
-    """MobileNetV2 without its top, random weights saved as a Keras 3 weights file."""
+    """MobileNet (V1) without its top, random weights saved as a Keras 3 weights file."""
     keras.utils.set_random_seed(5)
-    model = keras.applications.MobileNetV2(weights=None, include_top=False, pooling="avg",
+    model = keras.applications.MobileNet(weights=None, include_top=False, pooling="avg",
                                            input_shape=(SIZE, SIZE, 3))
-    path = str(tmp_path_factory.mktemp("weights") / "mobilenet_v2.weights.h5")
+    path = str(tmp_path_factory.mktemp("weights") / "mobilenet.weights.h5")
     model.save_weights(path)
     return model, path
 
@@ -69,13 +69,13 @@ def test_an_application_with_a_weights_file_embeds_end_to_end(application, tmp_p
     rows = corpora.good_rows(5)
     corpus = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), rows)
     cache = str(tmp_path / "cache")
-    run_job(corpus, str(tmp_path / "out"), "--image_encoder", "keras.applications.MobileNetV2",
+    run_job(corpus, str(tmp_path / "out"), "--image_encoder", "keras.applications.MobileNet",
             "--image_encoder_weights", weights, "--image_size", str(SIZE), "--text_encoder", "none",
             "--encoder_cache_dir", cache)
     table = read_output(str(tmp_path / "out"))
     ids = table.column(cols.ID).to_pylist()
-    # The family's default is its own preprocess_input (MobileNetV2: [-1, 1]), applied by Keras here.
-    prepared = keras.applications.mobilenet_v2.preprocess_input(decoded(rows, ids, SIZE) * 255.0)
+    # The family's default is its own preprocess_input (MobileNet: [-1, 1]), applied by Keras here.
+    prepared = keras.applications.mobilenet.preprocess_input(decoded(rows, ids, SIZE) * 255.0)
     np.testing.assert_allclose(stored(table, cols.IMAGE_EMBEDDING), np.asarray(model(prepared, training=False)),
                                rtol=1e-4, atol=1e-4)
     metadata = cols.read_metadata(table.schema)
@@ -177,7 +177,7 @@ def test_keras_misconfiguration_fails_at_start_in_one_line(application, tmp_path
     corpus = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), corpora.good_rows(2))
     base = ["--input", corpus, "--output", str(tmp_path / "o"), "--text_encoder", "none",
             "--encoder_cache_dir", str(tmp_path / "cache")]
-    fails_in_one_line(capsys, [*base, "--image_encoder", "keras.applications.MobileNetV2"],
+    fails_in_one_line(capsys, [*base, "--image_encoder", "keras.applications.MobileNet"],
                       "needs its weights", "--image_encoder_weights")
     fails_in_one_line(capsys, [*base, "--image_encoder", "keras.applications.NoSuchNet", "--image_encoder_weights",
                                weights], "is not a keras.applications architecture", "ResNet50")
@@ -191,7 +191,7 @@ def test_keras_misconfiguration_fails_at_start_in_one_line(application, tmp_path
     fails_in_one_line(capsys, [*base, "--image_encoder", str(tmp_path / "garbage.h5"),
                                "--image_input_convention", "unit"], "cannot load Keras model")
     fails_in_one_line(capsys, [*base[:-4], "--image_encoder", "none", "--text_encoder",
-                               "keras.applications.MobileNetV2", "--encoder_cache_dir", str(tmp_path / "cache")],
+                               "keras.applications.MobileNet", "--encoder_cache_dir", str(tmp_path / "cache")],
                       "is an image architecture, not a text encoder")
     with pytest.raises(EncoderConfigError, match="takes \\[B\\] or \\[B, 1\\] strings"):
         resolve_encoder(EncoderChoice("text", str(tmp_path / "cnn.keras"), cache_dir=str(tmp_path / "cache")))
