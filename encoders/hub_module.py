@@ -185,6 +185,18 @@ def one_line(error: Exception) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _signatures_hint(spec: EncoderSpec) -> str:
+    """For a SavedModel with no callable root (a Keras 3 `model.export()`, a TF serving export) and no signature
+    asked for: the signatures it has, to pass with --<modality>_signature. Empty where there is nothing to say."""
+    if spec.signature:
+        return ""
+    try:
+        names = sorted(tf.saved_model.load(hub.resolve(spec.handle)).signatures)
+    except Exception:  # not a SavedModel at all: the load error says enough
+        return ""
+    return f"; pass --{spec.modality}_signature, one of: {', '.join(names)}" if names else ""
+
+
 def _probe_input(modality: Modality, image_size: int) -> tf.Tensor:
     if modality == "image":
         return tf.zeros([_PROBE_BATCH, image_size, image_size, 3], tf.float32)
@@ -236,7 +248,8 @@ def _probe(spec: EncoderSpec, image_size_flag: int | None, fingerprint: str | No
     try:
         layer = keras_layer(spec)
     except Exception as error:  # hub raises many kinds (OSError, ValueError, NotFoundError, HTTP errors)
-        raise EncoderConfigError(f"cannot load {spec.modality} encoder {spec.handle!r}: {one_line(error)}") from error
+        raise EncoderConfigError(f"cannot load {spec.modality} encoder {spec.handle!r}: "
+                                 f"{one_line(error).rstrip('.')}{_signatures_hint(spec)}") from error
     image_size = None
     if spec.modality == "image":
         fixed = _fixed_image_size(layer)

@@ -15,7 +15,7 @@ import pytest
 
 from beam_jobs import embed_corpus
 from encoders import keras_model
-from encoders.hub_module import EncoderConfigError
+from encoders.hub_module import EncoderConfigError, LoadedEncoder
 from encoders.resolve import EncoderChoice, resolve_encoder
 from encoders.runtime import hub, tf, tf_keras
 from schemas import embeddings as cols
@@ -158,6 +158,28 @@ def test_a_converted_model_fine_tunes_and_is_converted_once(tmp_path):
                        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     classifier.fit(images, np.arange(8) % 2, epochs=1, verbose=0)
     assert not np.allclose(before, layer(images, training=False).numpy(), atol=1e-4)
+
+
+def test_a_keras3_export_is_called_through_its_signature(tmp_path):
+    # model.export() writes a plain SavedModel with serving signatures and no callable root: a Hub-style handle,
+    # which the start-up check tells how to call.
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(5, 3)(inputs)))
+    exported = str(tmp_path / "exported")
+    model.export(exported, verbose=False)
+    assert not keras_model.is_keras_source(exported)
+    cache = str(tmp_path / "cache")
+    with pytest.raises(EncoderConfigError, match="pass --image_signature, one of: .*serving_default"):
+        resolve_encoder(EncoderChoice("image", exported, cache_dir=cache))
+    with pytest.raises(EncoderConfigError, match="pass --image_output_key"):
+        resolve_encoder(EncoderChoice("image", exported, signature="serving_default", cache_dir=cache))
+    spec = resolve_encoder(EncoderChoice("image", exported, signature="serving_default", output_key="output_0",
+                                         cache_dir=cache))
+    assert (spec.dim, spec.image_size) == (5, 32)
+    pixels = np.random.RandomState(4).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(LoadedEncoder(spec, "/CPU:0")(pixels), np.asarray(model(pixels)), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_a_model_on_another_filesystem_is_copied_and_converted(tmp_path):
