@@ -77,7 +77,14 @@ from transforms.downstream.tft_features import (
     load_transform,
     vector_columns,
 )
-from transforms.downstream.training_input import SHUFFLE_ROWS, Survey, split_chunks, split_dataset, survey
+from transforms.downstream.training_input import (
+    SHUFFLE_ROWS,
+    Survey,
+    fits_in_memory,
+    split_chunks,
+    split_dataset,
+    survey,
+)
 from transforms.embedding.read import CorpusConfigError, infer_format, match_patterns
 from transforms.report import counters
 
@@ -281,7 +288,7 @@ def train_frozen(plan: TrainPlan, job: TrainClassifierOptions, options: Pipeline
 
     def batches(name: str, shuffle_rows: int = 0):
         return split_dataset(source, name, labels, transform_layer, plan.head.batch_size, shuffle_rows,
-                             plan.head.seed)
+                             plan.head.seed, cache=fits_in_memory(counts.kept(name, labels), source.dims))
 
     modality_dims = [embeddings.dims[column] for column in vector_columns(job.features)]
     training = fit(with_modality_dropout(head, modality_dims, plan.head), batches(TRAIN, SHUFFLE_ROWS),

@@ -32,7 +32,7 @@ from transforms.downstream.embeddings_input import available_columns, iter_table
 from transforms.downstream.serving import head_inputs
 from transforms.downstream.split import TEST, TRAIN, VALIDATION, split_fraction, split_of
 from transforms.downstream.tft_features import SPLIT, RowSource, label_vocabulary, labeled_rows, load_transform
-from transforms.downstream.training_input import split_dataset, survey
+from transforms.downstream.training_input import fits_in_memory, split_dataset, survey
 
 # Below ~1000 rows the gap between `image` and `both` is within the noise of the test split with the tiny fixture
 # encoders (the image one alone reaches ~0.90); 1800 rows give a 450-row test split.
@@ -367,6 +367,13 @@ def test_training_streams_every_row_once_as_the_whole_table_gives_it(frozen_runs
     shuffled = np.concatenate([ids for _, ids in split_dataset(source, TRAIN, labels, layer, 16, 64, seed=1)])
     train_labels = whole[cols.LABEL][whole[SPLIT] == TRAIN]
     assert sorted(shuffled.tolist()) == sorted(labels.index(label) for label in train_labels)  # each row once
+    # A split small enough is kept in memory after its first epoch: every epoch the same batches as streaming.
+    assert fits_in_memory(counts.kept(TRAIN, labels), dims) and not fits_in_memory(10_000_000, dims)
+    streaming = split_dataset(source, TRAIN, labels, layer, 16, 64, seed=1).repeat(3)
+    cached = split_dataset(source, TRAIN, labels, layer, 16, 64, seed=1, cache=True).repeat(3)
+    for (inputs, ids), (cached_inputs, cached_ids) in zip(streaming, cached, strict=True):
+        np.testing.assert_array_equal(inputs.numpy(), cached_inputs.numpy())
+        np.testing.assert_array_equal(ids.numpy(), cached_ids.numpy())
 
 
 def test_unlabeled_rows_are_skipped_and_counted(embeddings, tmp_path):
