@@ -66,24 +66,30 @@ class EncoderSpec:
         return self.to_json()
 
 
-def _sha256_of_file(path: str) -> str:
+def sha256_of_file(path: str) -> str:
+    """SHA-256 (hex) of a file's bytes, through tf.io.gfile: local, gs:// and every filesystem TF reads."""
     digest = hashlib.sha256()
-    with tf.io.gfile.GFile(path, "rb") as handle:  # tf.io.gfile: local, gs:// and every filesystem TF reads
+    with tf.io.gfile.GFile(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _sha256_of_files(folder: str) -> dict[str, str]:
-    """Every file under `folder` (recursively): relative path → SHA-256 of its bytes."""
-    digests = {}
-    if not tf.io.gfile.isdir(folder):
-        return digests
+def files_under(folder: str) -> list[tuple[str, str]]:
+    """Every file under `folder` (recursively, any TF filesystem), sorted: (path relative to `folder`, full path)."""
+    found = []
     for directory, _, names in tf.io.gfile.walk(folder):
         for name in names:
             path = tf.io.gfile.join(directory, name)
-            digests[path[len(folder):].lstrip("/")] = _sha256_of_file(path)
-    return digests
+            found.append((path[len(folder):].lstrip("/"), path))
+    return sorted(found)
+
+
+def sha256_of_files(folder: str) -> dict[str, str]:
+    """Every file under `folder` (recursively): relative path → SHA-256 of its bytes; {} when it is no folder."""
+    if not tf.io.gfile.isdir(folder):
+        return {}
+    return {relative: sha256_of_file(path) for relative, path in files_under(folder)}
 
 
 def encoder_fingerprint(handle: str) -> str:
@@ -110,11 +116,11 @@ def encoder_fingerprint(handle: str) -> str:
             "graph_def_program_hash": fingerprint.graph_def_program_hash,
             "signature_def_hash": fingerprint.signature_def_hash,
             "saved_object_graph_hash": fingerprint.saved_object_graph_hash,
-            "variables_index": _sha256_of_file(index) if tf.io.gfile.exists(index) else None,
-            "assets": _sha256_of_files(tf.io.gfile.join(path, "assets")),
+            "variables_index": sha256_of_file(index) if tf.io.gfile.exists(index) else None,
+            "assets": sha256_of_files(tf.io.gfile.join(path, "assets")),
         }
     else:
-        content = {"files": _sha256_of_files(path)}
+        content = {"files": sha256_of_files(path)}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 
 from encoders.atomic import build_folder_atomically
-from encoders.hub_module import one_line, save_reusable_module
+from encoders.hub_module import files_under, one_line, save_reusable_module, sha256_of_file, sha256_of_files
 from encoders.preprocessing import CONVENTION_NAMES, to_model_inputs
 from encoders.runtime import tf, tf_keras
 
@@ -154,25 +154,11 @@ def family_convention(architecture: Callable) -> str:
 def _content_digest(path: str) -> str:
     """SHA-256 of a file, or of every file of a folder with its relative path (local or gs://)."""
     try:
-        files = _files_under(path) if tf.io.gfile.isdir(path) else [("", path)]
-        digest = hashlib.sha256()
-        for relative, file_path in files:
-            digest.update(relative.encode() + b"\0")
-            with tf.io.gfile.GFile(file_path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023 (consumed within the iteration)
-                    digest.update(block)
-        return digest.hexdigest()
+        if tf.io.gfile.isdir(path):
+            return hashlib.sha256(json.dumps(sha256_of_files(path), sort_keys=True).encode()).hexdigest()
+        return sha256_of_file(path)
     except (tf.errors.OpError, OSError) as error:
         raise KerasEncoderError(f"cannot read Keras model {path!r}: {one_line(error)}") from error
-
-
-def _files_under(folder: str) -> list[tuple[str, str]]:
-    found = []
-    for directory, _, names in tf.io.gfile.walk(folder):
-        for name in names:
-            path = tf.io.gfile.join(directory, name)
-            found.append((path[len(folder):].lstrip("/"), path))
-    return sorted(found)
 
 
 def _local_copy(path: str, scratch: str) -> str:
@@ -182,7 +168,7 @@ def _local_copy(path: str, scratch: str) -> str:
         return path
     base = os.path.join(scratch, os.path.basename(path.rstrip("/")) or "model")
     if tf.io.gfile.isdir(path):
-        for relative, remote in _files_under(path):
+        for relative, remote in files_under(path):
             os.makedirs(os.path.dirname(os.path.join(base, relative)), exist_ok=True)
             tf.io.gfile.copy(remote, os.path.join(base, relative))
     else:
