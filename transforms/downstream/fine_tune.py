@@ -161,7 +161,7 @@ class RecordsSource:
             dataset = dataset.shuffle(shuffle_rows, seed=seed, reshuffle_each_iteration=True)
         size = self.image_size
 
-        def model_inputs(row: dict, label_id: tf.Tensor):
+        def row_inputs(row: dict, label_id: tf.Tensor):
             inputs = {}
             if self.use_image:
                 inputs[IMAGE_INPUT] = decode_or_zeros(row["image_bytes"], size, self.image_resize)
@@ -171,7 +171,7 @@ class RecordsSource:
                 inputs[cols.HAS_TEXT] = tf.cast(tf.strings.length(row["text"]) > 0, tf.float32)[None]
             return (inputs, label_id, row[cols.ID]) if with_ids else (inputs, label_id)
 
-        return dataset.map(model_inputs, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
+        return dataset.map(row_inputs, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
 
 
 def label_vocabulary(counts: Mapping[str, int], top_k: int | None, frequency_threshold: int | None) -> list[str]:
