@@ -310,6 +310,6 @@ class LoadedEncoder:
         log.info("loaded %s encoder %s on %s in %.1fs", spec.modality, spec.handle, device,
                  time.perf_counter() - started)
 
-    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+    def __call__(self, inputs: np.ndarray | tf.Tensor) -> np.ndarray:
         with tf.device(self.device):
             return self._call(tf.convert_to_tensor(inputs)).numpy()

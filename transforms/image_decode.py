@@ -166,16 +166,38 @@ def _resize(stored: tf.Tensor, size: int, resize: str) -> tf.Tensor:
     return tf.image.resize(stored, [size, size], method=resize, antialias=resize != "nearest")
 
 
-def _decode(data: tf.Tensor, size: int, orientation: tf.Tensor, resize: str = AREA) -> tuple[tf.Tensor, tf.Tensor]:
-    """(pixels, ends_grey): decode_and_resize's pixels, and whether the image is a JPEG whose last pixel is the flat
-    grey libjpeg writes where a JPEG's data ended early (see ImageDecoder)."""
+def _decode_unscaled(data: tf.Tensor, size: int, orientation: tf.Tensor,
+                     resize: str = AREA) -> tuple[tf.Tensor, tf.Tensor]:
+    """(pixels on 0-255, ends_grey): one image decoded, resized and turned upright, not yet scaled to [0, 1]
+    (`to_unit`); and whether it is a JPEG whose last pixel is the flat grey libjpeg writes where a JPEG's data ended
+    early (see ImageDecoder)."""
     stored = _decode_rgb_for(data, size)
-    # Resized from uint8, then scaled to [0, 1]: a float copy of the whole decoded image would be 4 bytes a channel.
-    image = tf.clip_by_value(_resize(stored, size, resize) / 255.0, 0.0, 1.0)
     # Oriented after the resize: on the square image it is cheaper, and resizing commutes with transposes and mirrors.
-    pixels = _orient(image, orientation)
+    pixels = _orient(_resize(stored, size, resize), orientation)
     ends_grey = _starts_with(data, b"\xff\xd8") & tf.reduce_all(tf.equal(stored[-1, -1], JPEG_FILL_GREY))
     return pixels, ends_grey
+
+
+def to_unit(pixels: tf.Tensor) -> tf.Tensor:
+    """Resized pixels on 0-255 → [0, 1] (a bicubic resize may overshoot, hence the clip). A batch path applies it
+    once to the whole batch: elementwise ops on one image at a time, among the parallel decodes, each split over
+    TensorFlow's intra-op threads, cost a tenth of a 640x480 photo's decode (benchmarks/RESULTS.md)."""
+    return tf.clip_by_value(pixels / 255.0, 0.0, 1.0)
+
+
+def _decode_checked(data: tf.Tensor, size: int, resize: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """One encoded image → (decode_and_resize's pixels, ends_grey) for ImageDecoder."""
+    pixels, ends_grey = _decode_unscaled(data, size, exif_orientation(data), resize)
+    return to_unit(pixels), ends_grey
+
+
+def _decode_batch_checked(data: tf.Tensor, size: int, resize: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """[n] encoded images → ([n, size, size, 3] pixels, [n] ends_grey) as one graph: map_fn decodes
+    PARALLEL_DECODES images at once on TensorFlow's inter-op threads, then one op scales the whole batch."""
+    pixels, ends_grey = tf.map_fn(lambda one: _decode_unscaled(one[0], size, one[1], resize),
+                                  (data, exif_orientations(data)), parallel_iterations=PARALLEL_DECODES,
+                                  fn_output_signature=(tf.float32, tf.bool))
+    return to_unit(pixels), ends_grey
 
 
 def decode_and_resize(data: tf.Tensor, size: int, resize: str = AREA) -> tf.Tensor:
@@ -187,7 +209,7 @@ def decode_and_resize(data: tf.Tensor, size: int, resize: str = AREA) -> tf.Tens
     PIL.ImageOps.exif_transpose does. The one decoder of the project: the embed step, fine-tune training and the
     fine-tuned serving model all call it, so serving sees the pixels training saw.
     """
-    return _decode(data, size, exif_orientation(data), resize)[0]
+    return _decode_checked(data, size, resize)[0]
 
 
 def decode_or_zeros(data: tf.Tensor, size: int, resize: str = AREA) -> tf.Tensor:
@@ -242,35 +264,34 @@ class ImageDecoder:
         self._size = size
         # autograph=False: the graph's control flow is explicit (tf.cond, tf.while_loop, tf.map_fn), and converting
         # the Python first would double the time of the first call, which every worker pays.
-        self._decode = tf.function(lambda data: _decode(data, size, exif_orientation(data), resize),
-                                   input_signature=spec, autograph=False)
+        self._decode = tf.function(lambda data: _decode_checked(data, size, resize), input_signature=spec,
+                                   autograph=False)
         self._decode_stored = tf.function(_decode_rgb, input_signature=spec, autograph=False)
-        # A batch decoded as one graph: map_fn runs PARALLEL_DECODES images at once on TensorFlow's inter-op threads.
-        self._decode_many = tf.function(
-            lambda data: tf.map_fn(lambda one: _decode(one[0], size, one[1], resize), (data, exif_orientations(data)),
-                                   parallel_iterations=PARALLEL_DECODES, fn_output_signature=(tf.float32, tf.bool)),
-            input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+        self._decode_many = tf.function(lambda data: _decode_batch_checked(data, size, resize),
+                                        input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
 
-    def decode_batch(self, images: Sequence[bytes]) -> tuple[np.ndarray, list[ImageDecodeError | None]]:
-        """Images decoded side by side on the process's cores: [n, size, size, 3] float32, and for each image None
-        or the ImageDecodeError it gives (its pixels are then zeros). One graph call decodes the batch; when an
-        image breaks it (rare: prepare refused what the header shows), each is decoded alone, to tell which."""
+    def decode_batch(self, images: Sequence[bytes]) -> tuple[tf.Tensor, list[ImageDecodeError | None]]:
+        """Images decoded side by side on the process's cores: [n, size, size, 3] float32, as a tensor that the
+        encoder takes as it is (a NumPy copy out and back in cost as much as a fifth of a 640x480 photo's decode),
+        and for each image None or the ImageDecodeError it gives (its pixels are then zeros). One graph call decodes
+        the batch; when an image breaks it (rare: prepare refused what the header shows), each is decoded alone, to
+        tell which."""
         errors: list[ImageDecodeError | None] = [None] * len(images)
         try:
-            decoded, ends_grey = self._decode_many(tf.constant(list(images), tf.string))
+            pixels, ends_grey = self._decode_many(tf.constant(list(images), tf.string))
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
-            pixels = np.zeros((len(images), self._size, self._size, 3), np.float32)
+            alone = np.zeros((len(images), self._size, self._size, 3), np.float32)
             for index, data in enumerate(images):
                 try:
-                    pixels[index] = self(data)
+                    alone[index] = self(data)
                 except ImageDecodeError as error:
                     errors[index] = error
-            return pixels, errors
-        pixels = decoded.numpy()
+            return tf.constant(alone), errors
         for index in np.flatnonzero(ends_grey.numpy()):
             if self._ends_early(images[index]):
                 errors[index] = ImageDecodeError(ENDS_EARLY)
-                pixels[index] = 0.0
+        if any(errors):
+            pixels = tf.where(tf.constant([error is None for error in errors])[:, None, None, None], pixels, 0.0)
         return pixels, errors
 
     def __call__(self, data: bytes) -> np.ndarray:

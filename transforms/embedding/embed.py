@@ -21,7 +21,7 @@ from apache_beam.utils import shared
 
 from encoders.hub_module import EncoderSpec, LoadedEncoder
 from encoders.preprocessing import AREA
-from encoders.runtime import configure_devices
+from encoders.runtime import configure_devices, tf
 from schemas import embeddings as cols
 from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import (
@@ -152,9 +152,9 @@ class EmbedBatch(beam.DoFn):
         for letter in done.dead_letters:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, wrap(letter))
 
-    def _decode_images(self, records: Sequence[Record]) -> tuple[list[Record], np.ndarray | None, list[DeadLetter]]:
+    def _decode_images(self, records: Sequence[Record]) -> tuple[list[Record], tf.Tensor | None, list[DeadLetter]]:
         """The batch's images decoded together (ImageDecoder.decode_batch): (the records kept, the pixels of those
-        with an image, in their order, as one array, the dead letters of the images that would not decode)."""
+        with an image, in their order, as one tensor, the dead letters of the images that would not decode)."""
         with_image = [record for record in records if record.image_bytes is not None]
         if not with_image:
             return list(records), None, []
@@ -166,7 +166,7 @@ class EmbedBatch(beam.DoFn):
         kept_rows = [row for row, error in enumerate(errors) if error is None]
         dead = [dead_letter(record, Stage.EMBED, Reason.IMAGE_CORRUPT, failed[id(record)]) for record in with_image
                 if id(record) in failed]
-        return [record for record in records if id(record) not in failed], pixels[kept_rows], dead
+        return [record for record in records if id(record) not in failed], tf.gather(pixels, kept_rows), dead
 
     def _embed_decoded(self, decoded: Future) -> EmbeddedBatch:
         """The model thread: one decoded batch through the encoders (batch_or_one_by_one: a record that fails alone
@@ -186,11 +186,11 @@ class EmbedBatch(beam.DoFn):
             tables = [pa.Table.from_batches([output]) for output in outputs]
         return EmbeddedBatch(tables, dead)
 
-    def _encode(self, encoder: LoadedEncoder, inputs: np.ndarray) -> np.ndarray:
+    def _encode(self, encoder: LoadedEncoder, inputs: np.ndarray | tf.Tensor) -> np.ndarray:
         vectors = encoder(inputs)
         return l2_normalize(vectors) if self._config.l2_normalize else vectors
 
-    def _embed(self, items: Sequence[tuple[Record, int | None]], pixels: np.ndarray | None) -> pa.RecordBatch:
+    def _embed(self, items: Sequence[tuple[Record, int | None]], pixels: tf.Tensor | None) -> pa.RecordBatch:
         """(record, its row in `pixels` or None) pairs → one RecordBatch; each model runs once on the batch."""
         encoders = self._encoders.result()
         records = [record for record, _ in items]
@@ -202,7 +202,7 @@ class EmbedBatch(beam.DoFn):
         if encoders.image is not None:
             image_vectors = np.zeros((size, self._config.image.dim), np.float32)
             if rows:
-                batch = pixels if rows == list(range(len(pixels))) else pixels[rows]
+                batch = pixels if rows == list(range(len(pixels))) else tf.gather(pixels, rows)
                 image_vectors[has_image] = self._encode(encoders.image, batch)
         if encoders.text is not None:
             text_vectors = np.zeros((size, self._config.text.dim), np.float32)
