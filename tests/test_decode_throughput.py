@@ -108,3 +108,22 @@ def test_long_texts_make_smaller_batches_and_every_record_comes_out(fixture_enco
             assert long_batches and max(long_batches) <= 2  # 3 slots each: two fit in 8 slots, never three
 
         assert_that(batches, check, label="batch sizes")
+
+
+def test_a_batch_whose_images_all_break_is_dead_lettered_and_the_run_goes_on(fixture_encoders, photos):
+    """Batches of 4: one where some images break and one where every image breaks. The broken ones are dead-lettered
+    alone (image_corrupt), the others embedded."""
+    image = probe_encoder(EncoderSpec("image", fixture_encoders["image"]))
+    schema = cols.embeddings_schema(image.dim, None, (), {}, cols.VECTORS_CONCAT, "float32")
+    config = EmbedConfig(image=image, text=None, schema=schema)
+    broken = b"\xff\xd8\xff\xe0 not a jpeg at all"
+    images = [photo_jpeg(photos, seed=1), broken, photo_jpeg(photos, seed=2), broken, broken, broken, broken, broken]
+    records = [Record(id=f"r{index}", source="s", image_bytes=data) for index, data in enumerate(images)]
+    with beam.Pipeline("DirectRunner") as pipeline:
+        tables, dead = (pipeline
+                        | beam.Create(records, reshuffle=False)
+                        | EmbedRecords(config, ProgressLog(1000), min_batch_size=4, max_batch_size=4))
+        ids = tables | "Ids" >> beam.FlatMap(lambda table: table.column(cols.ID).to_pylist())
+        assert_that(ids, equal_to(["r0", "r2"]), label="the decodable images embedded")
+        assert_that(dead | beam.Map(lambda letter: (letter.id, letter.reason)),
+                    equal_to([(f"r{index}", "image_corrupt") for index in (1, 3, 4, 5, 6, 7)]), label="dead letters")

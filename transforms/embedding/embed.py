@@ -163,7 +163,7 @@ class EmbedBatch(beam.DoFn):
         failed = {id(record): error for record, error in zip(with_image, errors, strict=True) if error is not None}
         if not failed:
             return list(records), pixels, []
-        kept_rows = [row for row, error in enumerate(errors) if error is None]
+        kept_rows = np.array([row for row, error in enumerate(errors) if error is None], np.int64)  # maybe none
         dead = [dead_letter(record, Stage.EMBED, Reason.IMAGE_CORRUPT, failed[id(record)]) for record in with_image
                 if id(record) in failed]
         return [record for record in records if id(record) not in failed], tf.gather(pixels, kept_rows), dead
@@ -202,7 +202,7 @@ class EmbedBatch(beam.DoFn):
         if encoders.image is not None:
             image_vectors = np.zeros((size, self._config.image.dim), np.float32)
             if rows:
-                batch = pixels if rows == list(range(len(pixels))) else tf.gather(pixels, rows)
+                batch = pixels if rows == list(range(len(pixels))) else tf.gather(pixels, np.array(rows, np.int64))
                 image_vectors[has_image] = self._encode(encoders.image, batch)
         if encoders.text is not None:
             text_vectors = np.zeros((size, self._config.text.dim), np.float32)
