@@ -163,7 +163,7 @@ class EmbedBatch(beam.DoFn):
         failed = {id(record): error for record, error in zip(with_image, errors, strict=True) if error is not None}
         if not failed:
             return list(records), pixels, []
-        kept_rows = np.array([row for row, error in enumerate(errors) if error is None], np.int64)  # maybe none
+        kept_rows = np.array([row for row, error in enumerate(errors) if error is None], np.int64)  # int64 if empty
         dead = [dead_letter(record, Stage.EMBED, Reason.IMAGE_CORRUPT, failed[id(record)]) for record in with_image
                 if id(record) in failed]
         return [record for record in records if id(record) not in failed], tf.gather(pixels, kept_rows), dead
