@@ -90,6 +90,13 @@ def convention(name: str | None) -> InputConvention:
         raise ValueError(f"unknown input convention {name!r}; known: {', '.join(CONVENTION_NAMES)}") from None
 
 
+def resize_method(name: str) -> str:
+    """`name`, checked: ValueError, one line, for a name that is not one of RESIZE_METHODS."""
+    if name not in RESIZE_METHODS:
+        raise ValueError(f"unknown resize method {name!r}; known: {', '.join(RESIZE_METHODS)}")
+    return name
+
+
 def to_model_inputs(pixels, name: str | None):
     """Decoded pixels ([..., 3] RGB float32 in [0, 1]) → the model's inputs under convention `name`, in the graph.
     The `unit` convention is the pixels themselves: no op is added."""

@@ -18,7 +18,7 @@ import os
 from encoders import keras_model, pretrained
 from encoders.catalogue import CATALOGUE
 from encoders.hub_module import EncoderConfigError, EncoderSpec, Modality, probe_encoder
-from encoders.preprocessing import AREA, CONVENTION_NAMES, RESIZE_METHODS, UNIT, convention
+from encoders.preprocessing import AREA, CONVENTION_NAMES, UNIT, convention, resize_method
 
 PROBE_CACHE_DIR = "_probes"  # in the encoder cache: what start-up learnt of each module's content
 
@@ -70,13 +70,11 @@ def resolve_encoder(choice: EncoderChoice) -> EncoderSpec:
                                      f"its inputs are prepared: pass --image_input_convention "
                                      f"({', '.join(CONVENTION_NAMES)})")
         chosen = choice.input_convention or own_convention or UNIT
-        resize = choice.resize or AREA
         try:
             convention(chosen)
+            resize = resize_method(choice.resize or AREA)
         except ValueError as error:
             raise EncoderConfigError(str(error)) from None
-        if resize not in RESIZE_METHODS:
-            raise EncoderConfigError(f"unknown resize method {resize!r}; known: {', '.join(RESIZE_METHODS)}")
         spec = dataclasses.replace(spec, input_convention=chosen, resize=resize)
     probes = os.path.join(pretrained.cache_dir(choice.cache_dir), PROBE_CACHE_DIR)
     return probe_encoder(spec, choice.image_size, probes)

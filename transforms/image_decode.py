@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from encoders.preprocessing import AREA, RESIZE_METHODS
+from encoders.preprocessing import AREA, resize_method
 from encoders.runtime import tf
 from transforms.dead_letters import telling_message
 
@@ -161,8 +161,7 @@ def _resize(stored: tf.Tensor, size: int, resize: str) -> tf.Tensor:
         shrinking = tf.reduce_all(tf.shape(stored)[:2] >= size)
         return tf.cond(shrinking, lambda: tf.image.resize(stored, [size, size], method="area"),
                        lambda: tf.image.resize(stored, [size, size], method="bilinear", antialias=True))
-    if resize not in RESIZE_METHODS:
-        raise ValueError(f"unknown resize method {resize!r}; known: {', '.join(RESIZE_METHODS)}")
+    resize_method(resize)  # ValueError for a name that is not one
     return tf.image.resize(stored, [size, size], method=resize, antialias=resize != "nearest")
 
 
