@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -14,10 +15,11 @@ from typing import TypeVar
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
-from apache_beam.portability.api import beam_provision_api_pb2
+from apache_beam.portability.api import beam_fn_api_pb2, beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from apache_beam.runners.runner import PipelineResult, PipelineRunner
+from google.protobuf import text_format
 
 from beam_jobs.flags import JobCommand
 from schemas.report import RunReport
@@ -35,8 +37,16 @@ IN_PROCESS_RUNNER = "beam_jobs.launch.InProcessRunner"
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner", IN_PROCESS_RUNNER)
 # TensorFlow sizes its thread pools from these when it first runs an op (unless a session config says otherwise).
 TF_THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
-# The logger under which Beam relays the log of its SDK worker processes (--direct_running_mode multi_processing).
+# The logger under which Beam relays the log of its SDK worker processes (--direct_running_mode multi_processing),
+# the levels of its LogEntry severities, and the project's packages, whose lines WorkerLogRelay keeps at INFO.
 WORKER_LOG_RELAY = "apache_beam.runners.portability.local_job_service"
+WORKER_LOG_LEVELS = {
+    beam_fn_api_pb2.LogEntry.Severity.TRACE: logging.DEBUG, beam_fn_api_pb2.LogEntry.Severity.DEBUG: logging.DEBUG,
+    beam_fn_api_pb2.LogEntry.Severity.INFO: logging.INFO, beam_fn_api_pb2.LogEntry.Severity.NOTICE: logging.INFO,
+    beam_fn_api_pb2.LogEntry.Severity.WARN: logging.WARNING, beam_fn_api_pb2.LogEntry.Severity.ERROR: logging.ERROR,
+    beam_fn_api_pb2.LogEntry.Severity.CRITICAL: logging.CRITICAL,
+}
+OWN_PACKAGES = ("beam_jobs", "encoders", "schemas", "transforms")
 
 log = logging.getLogger("hubembed")
 
@@ -56,8 +66,9 @@ def job_main(argv: list[str] | None, command: JobCommand, run: Callable[[list[st
     for name in ("hubembed", "encoders"):
         logging.getLogger(name).setLevel(logging.INFO)
     relay = logging.getLogger(WORKER_LOG_RELAY)
-    if not any(isinstance(existing, WorkerStartUpNotices) for existing in relay.filters):
-        relay.addFilter(WorkerStartUpNotices())
+    relay.setLevel(logging.INFO)  # the workers' INFO lines reach WorkerLogRelay, which keeps the job's own
+    if not any(isinstance(existing, WorkerLogRelay) for existing in relay.filters):
+        relay.addFilter(WorkerLogRelay())
     try:
         check_flag_spelling(argv)
         report = run(argv)
@@ -67,16 +78,52 @@ def job_main(argv: list[str] | None, command: JobCommand, run: Callable[[list[st
     return finish(report)
 
 
-class WorkerStartUpNotices(logging.Filter):
-    """Drops the two warnings every SDK worker process logs as it starts, about Beam's own housekeeping (the job's
-    options, which the worker parses before it has imported their classes; no semi-persistent folder, which local
-    workers never have): they say nothing about the job, and would be four long lines on the console per run."""
+class WorkerLogRelay(logging.Filter):
+    """Shows the log of SDK worker processes (--direct_running_mode multi_processing) as an in-process run shows it.
+
+    Beam relays each worker's records through one logger of its own, as `Worker: ` and the whole LogEntry message
+    (severity, timestamp, source location...) on one line, at the record's level: under the console's WARNING
+    threshold a worker's progress lines and encoder loads were lost, and its warnings were protobuf dumps. This
+    keeps the lines logged by the job's own modules at INFO and up, anything else at WARNING and up, each as its
+    message alone, at its level and time; and drops the two notices every worker logs as it starts, about Beam's
+    housekeeping (the job's options, parsed before their classes are imported; no semi-persistent folder, which
+    local workers never have).
+    """
 
     NOTICES = ("Discarding unparseable args", "No semi_persistent_directory found")
 
+    def __init__(self):
+        super().__init__()
+        # Where the job's modules live: a worker of this machine imports them from the same place.
+        self._own_folders = tuple(os.path.dirname(importlib.util.find_spec(package).origin) + os.sep
+                                  for package in OWN_PACKAGES)
+
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(notice in message for notice in self.NOTICES)
+        entry = self._log_entry(record)
+        if entry is None:  # not a worker's record as Beam relays them: left as it is
+            return not any(notice in record.getMessage() for notice in self.NOTICES)
+        if any(notice in entry.message for notice in self.NOTICES):
+            return False
+        level = WORKER_LOG_LEVELS.get(entry.severity, logging.INFO)
+        own = entry.log_location.startswith(self._own_folders)
+        if level < logging.WARNING and not own:
+            return False
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        record.name = log.name if own else "worker"
+        record.msg, record.args = entry.message + (f"\n{entry.trace}" if entry.trace else ""), ()
+        record.created = entry.timestamp.seconds + entry.timestamp.nanos / 1e9
+        record.msecs = entry.timestamp.nanos // 1_000_000
+        return True
+
+    @staticmethod
+    def _log_entry(record: logging.LogRecord) -> beam_fn_api_pb2.LogEntry | None:
+        """The LogEntry Beam's logging service relayed as `Worker: %s` (its text format on one line), or None."""
+        if record.msg != "Worker: %s" or len(record.args or ()) != 1:
+            return None
+        try:
+            return text_format.Parse(str(record.args[0]), beam_fn_api_pb2.LogEntry())
+        except text_format.ParseError:
+            return None
 
 
 class InProcessRunner(PipelineRunner):

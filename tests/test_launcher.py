@@ -11,24 +11,35 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.portability.api import beam_fn_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
 from beam_jobs import flags
 from beam_jobs.embed_corpus import EmbedCorpusOptions
 from beam_jobs.embed_corpus import main as embed_main
 from beam_jobs.embed_corpus import run as embed_run
-from beam_jobs.launch import IN_PROCESS_RUNNER, TF_THREAD_VARIABLES, InProcessRunner, pin_direct_runner
+from beam_jobs.launch import (
+    IN_PROCESS_RUNNER,
+    TF_THREAD_VARIABLES,
+    WORKER_LOG_RELAY,
+    InProcessRunner,
+    WorkerLogRelay,
+    pin_direct_runner,
+)
 from beam_jobs.predict import PredictOptions
 from beam_jobs.train_classifier import TrainClassifierOptions
 from encoders.runtime import native_start_up_lines_filtered
 from schemas import layout
 from tests import corpus_builders as corpora
 from tests.conftest import read_parquet_dir
+from transforms import report as progress_report
+from transforms.report import ProgressLog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # absl's line format (severity letter, then the date) and the banner TensorFlow's libraries print while loading.
@@ -108,13 +119,21 @@ def test_worker_processes_get_their_share_of_tensorflow_threads(tmp_path):
 
 def test_a_multi_processing_run_reconciles_and_writes_what_one_process_writes(caplog, tmp_path, fixture_encoders):
     """Counters come back from the worker processes: the report adds up, and matches the files written; the
-    console holds no notices of Beam's about starting its workers."""
+    console shows the workers' own lines (progress, encoder loads) as a run in one process shows them, and no
+    notices of Beam's about starting its workers."""
     manifest, expected = corpora.write_bad_manifest(str(tmp_path / "corpus"))
     lenient = ("--max_error_rate", "1", "--max_image_pixels", "1000000")
-    caplog.set_level(logging.WARNING)
-    assert embed_main(embed_args(fixture_encoders, manifest, str(tmp_path / "workers"), *lenient,
-                                 "--direct_num_workers", "2", "--direct_running_mode", "multi_processing")) == 0
-    assert [record.getMessage() for record in caplog.records if record.name.startswith("apache_beam")] == []
+    caplog.set_level(logging.INFO)
+    assert embed_main(embed_args(fixture_encoders, manifest, str(tmp_path / "workers"), *lenient, "--progress_interval",
+                                 "0", "--direct_num_workers", "2", "--direct_running_mode", "multi_processing")) == 0
+    # The console shows WARNING and up of other loggers: nothing of Beam's, and no worker's line left as Beam relays it.
+    assert [record.getMessage() for record in caplog.records
+            if record.name.startswith("apache_beam") and record.levelno >= logging.WARNING] == []
+    assert not any(record.getMessage().startswith("Worker:") for record in caplog.records)
+    workers_lines = [record.getMessage() for record in caplog.records if record.name == "hubembed"]
+    progress = [line for line in workers_lines if line.startswith("progress (worker ")]
+    assert progress and all(f"(worker {os.getpid()})" not in line for line in progress)
+    assert any(line.startswith("loaded image encoder") for line in workers_lines)
     workers = json.load(open(tmp_path / "workers" / layout.REPORT_NAME))
     alone = embed_run(embed_args(fixture_encoders, manifest, str(tmp_path / "alone"), *lenient))
 
@@ -233,3 +252,41 @@ def test_exit_process_runs_exit_handlers_and_waits_for_live_threads(tmp_path):
     """, str(tmp_path / "fast"))
     assert (fast.returncode, fast.stdout) == (0, "bye")
     assert os.path.exists(tmp_path / "fast")
+
+
+def relayed(severity, message: str, location: str) -> logging.LogRecord:
+    """A worker's log entry as Beam's logging service hands it to the launcher's logging."""
+    entry = beam_fn_api_pb2.LogEntry(severity=severity, message=message, log_location=location)
+    entry.timestamp.seconds, entry.timestamp.nanos = 1_700_000_000, 250_000_000
+    one_line = str(entry).replace("\n", " ")
+    return logging.LogRecord(WORKER_LOG_RELAY, logging.INFO, __file__, 1, "Worker: %s", (one_line,), None)
+
+
+def test_the_worker_log_relay_keeps_the_jobs_own_lines_and_the_warnings_of_others():
+    relay = WorkerLogRelay()
+    severity = beam_fn_api_pb2.LogEntry.Severity
+    message = 'progress (worker 7): 32 rows done "quoted"\nand a second line'
+    own = relayed(severity.INFO, message, progress_report.__file__ + ":61")
+    assert relay.filter(own)
+    assert (own.name, own.levelno, own.getMessage()) == ("hubembed", logging.INFO, message)
+    assert own.created == 1_700_000_000.25
+
+    assert not relay.filter(relayed(severity.INFO, "Creating state cache", "/site-packages/apache_beam/x.py:3"))
+    warning = relayed(severity.WARN, "a bundle failed, retrying", "/site-packages/apache_beam/x.py:3")
+    assert relay.filter(warning)
+    assert (warning.name, warning.levelno, warning.getMessage()) == ("worker", logging.WARNING,
+                                                                      "a bundle failed, retrying")
+    notice = relayed(severity.WARN, "No semi_persistent_directory found: ...", "/x/sdk_worker_main.py:1")
+    assert not relay.filter(notice)
+
+
+def test_the_progress_rate_counts_from_the_start_of_the_work(caplog):
+    """The first line's rate counts from the DoFn's setup (start), not from the moment the first rows came out."""
+    caplog.set_level(logging.INFO)
+    progress = ProgressLog(0)
+    progress.start()
+    time.sleep(0.2)
+    progress.add(embedded=32)
+    [line] = [record.getMessage() for record in caplog.records if record.name == "hubembed"]
+    assert line.startswith("progress: 32 rows done (32 embedded, 0 dead-lettered), ")  # the launcher's process
+    assert float(line.rsplit(", ", 1)[1].split()[0]) <= 32 / 0.2

@@ -177,6 +177,10 @@ class CountDeadLetters(beam.DoFn):
         self._total = Metrics.counter(METRICS_NAMESPACE, DEAD_LETTERED)
         self._progress = progress
 
+    def setup(self):
+        if self._progress is not None:
+            self._progress.start()
+
     def process(self, letter: DeadLetter) -> Iterable[DeadLetter]:
         self._total.inc()
         Metrics.counter(METRICS_NAMESPACE, DEAD_LETTER_REASON_PREFIX + letter.reason).inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from typing import TypeVar
@@ -33,21 +34,27 @@ class ProgressLog:
     """Passed to the DoFns that embed or dead-letter; logs `rows done, rows/s, dead letters` every interval.
 
     Per process, not per job: on a cluster each worker logs its own share (the runner's UI has the totals from
-    the counters); on DirectRunner that is the whole job.
+    the counters); on DirectRunner in one process that is the whole job. A process other than the launcher's names
+    itself in its lines (`worker 1234`): the worker processes of a multi_processing run log side by side.
     """
 
     def __init__(self, interval_seconds: float = 10.0):
         self._handle = shared.Shared()
         self._interval_seconds = interval_seconds
+        self._launcher_pid = os.getpid()
         self._counts: _ProgressCounts | None = None
 
     def __getstate__(self):
-        return {"_handle": self._handle, "_interval_seconds": self._interval_seconds, "_counts": None}
+        return {**self.__dict__, "_counts": None}
 
-    def add(self, embedded: int = 0, dead_lettered: int = 0) -> None:
+    def start(self) -> None:
+        """From a DoFn's setup: the rate counts from here, the model's load included, not from the first rows out."""
         if self._counts is None:
             interval = self._interval_seconds
             self._counts = self._handle.acquire(lambda: _ProgressCounts(interval), tag="progress")
+
+    def add(self, embedded: int = 0, dead_lettered: int = 0) -> None:
+        self.start()
         counts = self._counts
         with counts.lock:
             counts.embedded += embedded
@@ -58,8 +65,9 @@ class ProgressLog:
             counts.last_logged = now
             done = counts.embedded + counts.dead_lettered
             rate = done / max(now - counts.started, 1e-9)
-        log.info("progress: %d rows done (%d embedded, %d dead-lettered), %.1f rows/s",
-                 done, counts.embedded, counts.dead_lettered, rate)
+        process = "" if os.getpid() == self._launcher_pid else f" (worker {os.getpid()})"
+        log.info("progress%s: %d rows done (%d embedded, %d dead-lettered), %.1f rows/s",
+                 process, done, counts.embedded, counts.dead_lettered, rate)
 
 
 def counters(result) -> dict[str, int]:

@@ -114,6 +114,7 @@ class EmbedBatch(beam.DoFn):
 
     def setup(self):
         config = self._config
+        self._progress.start()
         self._failure_run = FailureRun()
         device = configure_devices(config.device)
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="hubembed-embed")
