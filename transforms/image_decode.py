@@ -191,12 +191,22 @@ def _decode_checked(data: tf.Tensor, size: int, resize: str) -> tuple[tf.Tensor,
 
 
 def _decode_batch_checked(data: tf.Tensor, size: int, resize: str) -> tuple[tf.Tensor, tf.Tensor]:
-    """[n] encoded images → ([n, size, size, 3] pixels, [n] ends_grey) as one graph: map_fn decodes
-    PARALLEL_DECODES images at once on TensorFlow's inter-op threads, then one op scales the whole batch."""
-    pixels, ends_grey = tf.map_fn(lambda one: _decode_unscaled(one[0], size, one[1], resize),
-                                  (data, exif_orientations(data)), parallel_iterations=PARALLEL_DECODES,
-                                  fn_output_signature=(tf.float32, tf.bool))
+    """[n] encoded images → ([n, size, size, 3] pixels, [n] ends_grey) as one graph, zeros (and False) for empty
+    bytes: map_fn decodes PARALLEL_DECODES images at once on TensorFlow's inter-op threads, then one op scales the
+    whole batch. The embed step's batch path (ImageDecoder.decode_batch) and the serving model's."""
+    def decode_or_nothing(image: tf.Tensor, orientation: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.cond(tf.strings.length(image) > 0, lambda: _decode_unscaled(image, size, orientation, resize),
+                       lambda: (tf.zeros([size, size, 3], tf.float32), tf.constant(False)))
+
+    pixels, ends_grey = tf.map_fn(lambda one: decode_or_nothing(*one), (data, exif_orientations(data)),
+                                  parallel_iterations=PARALLEL_DECODES, fn_output_signature=(tf.float32, tf.bool))
     return to_unit(pixels), ends_grey
+
+
+def decode_batch_or_zeros(data: tf.Tensor, size: int, resize: str = AREA) -> tf.Tensor:
+    """[n] encoded images → [n, size, size, 3] float32 in [0, 1]: decode_or_zeros of each, as one graph over the
+    batch (one Exif loop for all, parallel decodes, one scaling), in graph ops."""
+    return _decode_batch_checked(data, size, resize)[0]
 
 
 def decode_and_resize(data: tf.Tensor, size: int, resize: str = AREA) -> tf.Tensor:

@@ -27,7 +27,7 @@ from schemas import embeddings as cols
 from schemas.training import MODEL_INFO_NAME, SERVING_SIGNATURE, ModelInfo
 from transforms.downstream.embeddings_input import MASK_OF
 from transforms.downstream.tft_features import FEATURES, MODALITY_MASK, vector_columns
-from transforms.image_decode import decode_or_zeros
+from transforms.image_decode import decode_batch_or_zeros
 
 LABELS_SIGNATURE = "labels"
 IMAGE_BYTES = "image_bytes"  # fine-tune serving input
@@ -92,16 +92,12 @@ class FineTunedModel(tf.Module):
         self.serve = tf.function(self._serve, input_signature=[spec])
         self.label_vocabulary = tf.function(lambda: {"labels": self.labels}, input_signature=[])
 
-    def _decode_one(self, data: tf.Tensor) -> tf.Tensor:
-        return decode_or_zeros(data, self.image_size, self.image_resize)
-
     def _serve(self, inputs: dict) -> dict:
         model_inputs = {}
         if self.use_image:
             data = inputs[IMAGE_BYTES]
-            model_inputs["image"] = tf.map_fn(self._decode_one, data,
-                                              fn_output_signature=tf.TensorSpec([self.image_size] * 2 + [3],
-                                                                                tf.float32))
+            # The embed step's batch decode: one Exif loop for the batch, parallel decodes, one scaling to [0, 1].
+            model_inputs["image"] = decode_batch_or_zeros(data, self.image_size, self.image_resize)
             model_inputs[cols.HAS_IMAGE] = tf.cast(tf.strings.length(data) > 0, tf.float32)[:, None]
         if self.use_text:
             text = inputs[TEXT]
