@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from beam_jobs.embed_corpus import run
+from encoders.runtime import tf
 from tests import corpus_builders as corpora
 from tests.conftest import read_parquet_dir
 from transforms.embedding.read import expand_patterns, infer_format
-from transforms.image_decode import make_image_decoder
+from transforms.image_decode import decode_batch_or_zeros, make_image_decoder
 
 
 def encoded(image: Image.Image, fmt: str, **save_args) -> bytes:
@@ -40,6 +41,25 @@ def test_decoder_gives_rgb_in_unit_range_at_the_module_size(fmt, mode):
         np.testing.assert_allclose(pixels[..., 0], pixels[..., 2])
     else:
         np.testing.assert_allclose(pixels.mean(axis=(0, 1)), [1.0, 0.0, 0.0], atol=0.02)
+
+
+def test_a_batch_decodes_to_each_image_decoded_alone_and_empty_bytes_to_zeros():
+    """The serving model's batch path: the pixels fine-tune training gets image by image (to float32 rounding: the
+    batch is scaled by one vectorised division), turned upright alike; "" is no image."""
+    gradient = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
+    images = [encoded(gradient, "JPEG", exif=_exif_orientation(6)), b"",
+              encoded(gradient.rotate(90, expand=True), "PNG")]
+    batch = decode_batch_or_zeros(tf.constant(images), 16).numpy()
+    alone = make_image_decoder(16)
+    np.testing.assert_allclose(batch[0], alone(images[0]).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(batch[1], np.zeros((16, 16, 3), np.float32))
+    np.testing.assert_allclose(batch[2], alone(images[2]).numpy(), rtol=1e-6, atol=1e-7)
+
+
+def _exif_orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
 
 
 def test_animated_gif_gives_its_first_frame():
