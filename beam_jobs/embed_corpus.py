@@ -27,7 +27,7 @@ from encoders import resolve as encoder_resolve
 from encoders.hub_module import EncoderConfigError, EncoderSpec
 from encoders.preprocessing import image_preprocessing
 from encoders.resolve import EncoderChoice
-from encoders.runtime import tf
+from encoders.runtime import cpu_has_bfloat16, tf
 from schemas import embeddings as cols
 from schemas import layout
 from schemas.report import EmbedRunReport
@@ -137,6 +137,10 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
                                      "cannot read: copy it to gs:// (or pass a tfhub.dev / Kaggle handle)")
     if job.device == "gpu" and runner in LOCAL_RUNNERS and not tf.config.list_physical_devices("GPU"):
         raise JobConfigError("--device=gpu but TensorFlow sees no GPU on this machine (use --device=auto or cpu)")
+    if (job.mixed_precision and runner in LOCAL_RUNNERS and not cpu_has_bfloat16()
+            and (job.device == "cpu" or not tf.config.list_physical_devices("GPU"))):
+        raise JobConfigError("--mixed_precision needs a GPU or a CPU with bfloat16 instructions (AMX, AVX512_BF16); "
+                             "this machine's encoders would run slower than in float32")
     passthrough = tuple(name.strip() for name in job.passthrough.split(",") if name.strip())
     repeated = sorted({name for name in passthrough if passthrough.count(name) > 1})
     if repeated:
@@ -160,6 +164,7 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
         metadata[cols.META_TEXT_ENCODER] = text.to_json()
     dtype = "float16" if job.float16 else "float32"
     metadata[cols.META_STORAGE] = json.dumps({"vectors": job.vectors, "dtype": dtype}, sort_keys=True)
+    metadata[cols.META_COMPUTE_PRECISION] = cols.PRECISION_MIXED if job.mixed_precision else cols.PRECISION_FLOAT32
     metadata[cols.META_MAX_IMAGE_PIXELS] = str(job.max_image_pixels)
     metadata[cols.META_REUSE_KEY] = reuse_key(metadata)
     try:
@@ -168,7 +173,8 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
         raise JobConfigError(str(error)) from error
     schema = cols.embeddings_schema(image and image.dim, text and text.dim, passthrough, metadata, job.vectors, dtype)
     config = EmbedConfig(image=image, text=text, schema=schema, passthrough=passthrough,
-                         l2_normalize=bool(job.l2_normalize), device=job.device)
+                         l2_normalize=bool(job.l2_normalize), device=job.device,
+                         mixed_precision=bool(job.mixed_precision))
     folder = output_folder.claim(job.output, layout.EMBEDDINGS_PREFIX, JOB_NAME, job.overwrite)
     # A killed run's finished batches: taken back like --reuse outputs, so the rerun embeds only what was in flight.
     stored += usable_checkpoints(checkpoint_files(folder.checkpoints), metadata[cols.META_REUSE_KEY])

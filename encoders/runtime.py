@@ -93,7 +93,40 @@ with native_start_up_lines_filtered():
     import tensorflow_text  # noqa: F401  (registers the tokenizer ops that TF Hub text modules, ours too, carry)
     import tf_keras
 
-__all__ = ["tf", "hub", "tf_keras", "configure_devices", "native_start_up_lines_filtered"]
+__all__ = ["tf", "hub", "tf_keras", "configure_devices", "native_start_up_lines_filtered", "use_mixed_precision"]
+
+# CPU flags (Linux /proc/cpuinfo names) of the instructions oneDNN runs bfloat16 convolutions and matmuls on. Without
+# them oneDNN emulates bfloat16, slower than float32.
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+CPU_INFO = "/proc/cpuinfo"
+
+
+def cpu_has_bfloat16(cpu_info: str | None = None) -> bool:
+    """Whether this machine's CPU has bfloat16 instructions (`cpu_info`: the text of /proc/cpuinfo; read when None,
+    False where there is none)."""
+    if cpu_info is None:
+        try:
+            with open(CPU_INFO) as handle:
+                cpu_info = handle.read()
+        except OSError:
+            return False
+    flags = {flag for line in cpu_info.splitlines() if line.startswith("flags") for flag in line.split()}
+    return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+
+
+def use_mixed_precision(device: str) -> str:
+    """Run this process's TensorFlow graphs in mixed precision from now on, through Grappler's graph rewrite (it
+    reaches a SavedModel's restored graphs, which Keras' mixed-precision policy does not): float16 on a GPU,
+    bfloat16 on a CPU with bfloat16 instructions. Returns the type; RuntimeError on a CPU without them. The option
+    is the process's: a function already run keeps its graph, so the worker sets it before loading its encoders."""
+    if device.startswith("/GPU"):
+        tf.config.optimizer.set_experimental_options({"auto_mixed_precision": True})
+        return "float16"
+    if not cpu_has_bfloat16():
+        raise RuntimeError("--mixed_precision on a worker without a GPU, whose CPU has no bfloat16 instructions "
+                           f"({' or '.join(BFLOAT16_CPU_FLAGS)}): it would run slower than float32")
+    tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
+    return "bfloat16"
 
 
 def configure_devices(device: str = "auto") -> str:

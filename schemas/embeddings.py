@@ -43,6 +43,8 @@ META_IMAGE_PREPROCESSING = META_PREFIX + "image_preprocessing"  # JSON: size, re
 META_L2_NORMALIZE = META_PREFIX + "l2_normalize"  # "true" / "false"
 META_EMBEDDING_LAYOUT = META_PREFIX + "embedding_layout"  # JSON: [[column, offset, dim], ...] of `embedding`
 META_STORAGE = META_PREFIX + "storage"  # JSON: {"vectors": concat|modalities|both, "dtype": float32|float16}
+META_COMPUTE_PRECISION = META_PREFIX + "compute_precision"  # PRECISION_FLOAT32, or PRECISION_MIXED (--mixed_precision)
+PRECISION_FLOAT32, PRECISION_MIXED = "float32", "mixed"
 # hex SHA-256 of the encoders' content identity, preprocessing, L2 and storage: equal digests, reusable vectors
 META_REUSE_KEY = META_PREFIX + "reuse_key"
 # The --max_image_pixels the run's images were judged by: a run reusing the rows with a lower limit checks the

@@ -21,7 +21,7 @@ from apache_beam.utils import shared
 
 from encoders.hub_module import EncoderSpec, LoadedEncoder
 from encoders.preprocessing import AREA
-from encoders.runtime import configure_devices, tf
+from encoders.runtime import configure_devices, tf, use_mixed_precision
 from schemas import embeddings as cols
 from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import (
@@ -48,16 +48,20 @@ class EmbedConfig:
     passthrough: tuple[str, ...] = ()
     l2_normalize: bool = False
     device: str = "auto"
+    mixed_precision: bool = False
 
     @property
     def cache_tag(self) -> str:
-        return "|".join(spec.cache_tag if spec else "-" for spec in (self.image, self.text)) + "|" + self.device
+        return ("|".join(spec.cache_tag if spec else "-" for spec in (self.image, self.text)) + "|" + self.device
+                + ("|mixed" if self.mixed_precision else ""))
 
 
 class Encoders:
     """The per-process models: built once by `shared.Shared`, shared by every thread (hence weak-referenceable)."""
 
     def __init__(self, config: EmbedConfig, device: str):
+        if config.mixed_precision:  # before the encoders' graphs are first run, which is when TF rewrites them
+            use_mixed_precision(device)
         self.image = LoadedEncoder(config.image, device) if config.image else None
         self.text = LoadedEncoder(config.text, device) if config.text else None
         self.image_decoder = (ImageDecoder(config.image.image_size, config.image.resize or AREA) if config.image

@@ -51,10 +51,15 @@ class ReuseConfigError(ValueError):
 
 def reuse_key(metadata: Mapping[str, str]) -> str:
     """The digest that must be equal for an output's vectors to be reused: the encoders' content identity (not
-    their paths), the image preprocessing, L2 and layout (`embeddings_identity`), and how the vectors are stored."""
+    their paths), the image preprocessing, L2 and layout (`embeddings_identity`), how the vectors are stored, and
+    the precision they were computed in."""
     from transforms.downstream.embeddings_input import embeddings_identity  # imports the encoders' TF runtime
 
     identity = {"identity": embeddings_identity(dict(metadata)), "storage": metadata.get(cols.META_STORAGE)}
+    precision = metadata.get(cols.META_COMPUTE_PRECISION, cols.PRECISION_FLOAT32)
+    # Only when mixed: float32 outputs written before the key existed keep their reuse key.
+    if precision != cols.PRECISION_FLOAT32:
+        identity["precision"] = precision
     return sha256_hex(json.dumps(identity, sort_keys=True).encode())
 
 
