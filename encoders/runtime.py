@@ -93,7 +93,8 @@ with native_start_up_lines_filtered():
     import tensorflow_text  # noqa: F401  (registers the tokenizer ops that TF Hub text modules, ours too, carry)
     import tf_keras
 
-__all__ = ["tf", "hub", "tf_keras", "configure_devices", "native_start_up_lines_filtered", "use_mixed_precision"]
+__all__ = ["tf", "hub", "tf_keras", "configure_devices", "native_start_up_lines_filtered", "use_mixed_precision",
+           "stop_mixed_precision"]
 
 # CPU flags (Linux /proc/cpuinfo names) of the instructions oneDNN runs bfloat16 convolutions and matmuls on. Without
 # them oneDNN emulates bfloat16, slower than float32.
@@ -114,19 +115,29 @@ def cpu_has_bfloat16(cpu_info: str | None = None) -> bool:
     return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
 
 
+# Grappler's rewrite options: float16 where CUDA runs the graph, bfloat16 where oneDNN does.
+MIXED_PRECISION_OPTIONS = ("auto_mixed_precision", "auto_mixed_precision_onednn_bfloat16")
+
+
 def use_mixed_precision(device: str) -> str:
     """Run this process's TensorFlow graphs in mixed precision from now on, through Grappler's graph rewrite (it
     reaches a SavedModel's restored graphs, which Keras' mixed-precision policy does not): float16 on a GPU,
     bfloat16 on a CPU with bfloat16 instructions. Returns the type; RuntimeError on a CPU without them. The option
-    is the process's: a function already run keeps its graph, so the worker sets it before loading its encoders."""
+    is the process's, and a function is rewritten when it first runs for an input shape: set it before the
+    encoders' first call, keep it while they run, and take it back with `stop_mixed_precision`."""
     if device.startswith("/GPU"):
-        tf.config.optimizer.set_experimental_options({"auto_mixed_precision": True})
+        tf.config.optimizer.set_experimental_options({MIXED_PRECISION_OPTIONS[0]: True})
         return "float16"
     if not cpu_has_bfloat16():
         raise RuntimeError("--mixed_precision on a worker without a GPU, whose CPU has no bfloat16 instructions "
                            f"({' or '.join(BFLOAT16_CPU_FLAGS)}): it would run slower than float32")
-    tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
+    tf.config.optimizer.set_experimental_options({MIXED_PRECISION_OPTIONS[1]: True})
     return "bfloat16"
+
+
+def stop_mixed_precision() -> None:
+    """Graphs first run from now on stay float32 (what use_mixed_precision turned on, off again)."""
+    tf.config.optimizer.set_experimental_options({option: False for option in MIXED_PRECISION_OPTIONS})
 
 
 def configure_devices(device: str = "auto") -> str:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs.embed_corpus import run as embed_run
-from encoders.runtime import cpu_has_bfloat16
+from encoders.runtime import MIXED_PRECISION_OPTIONS, cpu_has_bfloat16, tf
 from schemas import embeddings as cols
 from tests import corpus_builders as corpora
 from tests.conftest import read_parquet_dir
@@ -78,3 +78,27 @@ def test_mixed_precision_where_it_would_be_slower_fails_at_start_in_one_line(tmp
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("hubembed: error: --mixed_precision needs a GPU or a CPU with bfloat16 instructions")
     assert not os.path.exists(tmp_path / "out" / "_SUCCESS")
+
+
+@pytest.mark.skipif(not cpu_has_bfloat16(), reason="this CPU has no bfloat16 instructions")
+def test_an_in_process_mixed_run_leaves_the_process_in_float32(tmp_path, fixture_encoders):
+    """The rewrite is an option of the whole process: a run in this process turns it off when its DoFns are torn
+    down, so what the process runs next (here a float32 run with a batch size none had before, whose graphs are
+    rewritten or not when they first run) is float32 again."""
+    manifest = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), corpora.good_rows(6))
+    args = ["--input", manifest, "--image_encoder", fixture_encoders["image"], "--text_encoder",
+            fixture_encoders["text"]]
+    assert embed_run([*args, "--output", str(tmp_path / "before")]).passed
+    assert embed_run([*args, "--output", str(tmp_path / "mixed"), "--mixed_precision"]).passed
+    options = tf.config.optimizer.get_experimental_options()
+    assert not any(options.get(option) for option in MIXED_PRECISION_OPTIONS)
+    assert embed_run([*args, "--output", str(tmp_path / "after"), "--batch_size", "5"]).passed
+
+    def vectors(name: str) -> dict:
+        return {row["id"]: np.array(row["embedding"]) for row in
+                read_parquet_dir(str(tmp_path / name), "embeddings").to_pylist()}
+
+    before, mixed, after = vectors("before"), vectors("mixed"), vectors("after")
+    assert max(np.abs(mixed[key] - before[key]).max() for key in before) > 1e-4
+    for key, vector in before.items():
+        np.testing.assert_allclose(after[key], vector, rtol=1e-5, atol=1e-6)

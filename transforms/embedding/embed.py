@@ -21,7 +21,7 @@ from apache_beam.utils import shared
 
 from encoders.hub_module import EncoderSpec, LoadedEncoder
 from encoders.preprocessing import AREA
-from encoders.runtime import configure_devices, tf, use_mixed_precision
+from encoders.runtime import configure_devices, stop_mixed_precision, tf, use_mixed_precision
 from schemas import embeddings as cols
 from schemas.records import DeadLetter, Reason, Record, Stage
 from transforms.dead_letters import (
@@ -60,8 +60,6 @@ class Encoders:
     """The per-process models: built once by `shared.Shared`, shared by every thread (hence weak-referenceable)."""
 
     def __init__(self, config: EmbedConfig, device: str):
-        if config.mixed_precision:  # before the encoders' graphs are first run, which is when TF rewrites them
-            use_mixed_precision(device)
         self.image = LoadedEncoder(config.image, device) if config.image else None
         self.text = LoadedEncoder(config.text, device) if config.text else None
         self.image_decoder = (ImageDecoder(config.image.image_size, config.image.resize or AREA) if config.image
@@ -121,6 +119,11 @@ class EmbedBatch(beam.DoFn):
         self._progress.start()
         self._failure_run = FailureRun()
         device = configure_devices(config.device)
+        # Before the encoders' graphs first run, which is when TensorFlow rewrites them, and for as long as this DoFn
+        # runs batches (each new batch size is a new first run); taken back in teardown, for whatever else the
+        # process runs after this pipeline (an in-process run).
+        if config.mixed_precision:
+            use_mixed_precision(device)
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="hubembed-embed")
         # On a GPU, the next batch is decoded on the CPU while the card runs the model. On a CPU the two would
         # share the same cores, each slowing the other's threads: the model thread then decodes each batch itself,
@@ -148,6 +151,8 @@ class EmbedBatch(beam.DoFn):
     def teardown(self):
         for pool in {self._decoding, self._embedding} - {None}:
             pool.shutdown(cancel_futures=True)
+        if self._config.mixed_precision:
+            stop_mixed_precision()
 
     def _emit(self, done: EmbeddedBatch, wrap=lambda value: value) -> Iterator:
         embedded = sum(table.num_rows for table in done.tables)
