@@ -100,8 +100,8 @@ class WorkerLogRelay(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         entry = self._log_entry(record)
-        if entry is None:  # not a worker's record as Beam relays them: left as it is
-            return not any(notice in record.getMessage() for notice in self.NOTICES)
+        if entry is None:  # the relay logger's own: shown from WARNING up, as before its level was lowered for workers
+            return record.levelno >= logging.WARNING and not any(n in record.getMessage() for n in self.NOTICES)
         if any(notice in entry.message for notice in self.NOTICES):
             return False
         level = WORKER_LOG_LEVELS.get(entry.severity, logging.INFO)

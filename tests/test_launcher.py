@@ -278,6 +278,8 @@ def test_the_worker_log_relay_keeps_the_jobs_own_lines_and_the_warnings_of_other
                                                                       "a bundle failed, retrying")
     notice = relayed(severity.WARN, "No semi_persistent_directory found: ...", "/x/sdk_worker_main.py:1")
     assert not relay.filter(notice)
+    own_info = logging.LogRecord(WORKER_LOG_RELAY, logging.INFO, __file__, 1, "Job %s started", ("1",), None)
+    assert not relay.filter(own_info)  # the relay logger's own INFO lines stay off the console, as before
 
 
 def test_the_progress_rate_counts_from_the_start_of_the_work(caplog):
