@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_decode_fidelity import cosines  # noqa: E402
 from benchmarks.bench_throughput import (  # noqa: E402
     BATCH,
     DEFAULT_SIZES,
@@ -72,10 +73,6 @@ def model_alone(modality: str, precision: str, inputs_file: str, vectors_file: s
     rate = len(items) / (time.perf_counter() - started)
     np.save(vectors_file, vectors)
     print(json.dumps({"rate": rate}))
-
-
-def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
-    return (reference * other).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1))
 
 
 def nearest_agreement(reference: np.ndarray, other: np.ndarray) -> float:
