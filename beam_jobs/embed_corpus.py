@@ -27,7 +27,7 @@ from encoders import resolve as encoder_resolve
 from encoders.hub_module import EncoderConfigError, EncoderSpec
 from encoders.preprocessing import image_preprocessing
 from encoders.resolve import EncoderChoice
-from encoders.runtime import cpu_has_bfloat16, tf
+from encoders.runtime import mixed_precision_type, tf
 from schemas import embeddings as cols
 from schemas import layout
 from schemas.report import EmbedRunReport
@@ -137,10 +137,11 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
                                      "cannot read: copy it to gs:// (or pass a tfhub.dev / Kaggle handle)")
     if job.device == "gpu" and runner in LOCAL_RUNNERS and not tf.config.list_physical_devices("GPU"):
         raise JobConfigError("--device=gpu but TensorFlow sees no GPU on this machine (use --device=auto or cpu)")
-    if (job.mixed_precision and runner in LOCAL_RUNNERS and not cpu_has_bfloat16()
-            and (job.device == "cpu" or not tf.config.list_physical_devices("GPU"))):
-        raise JobConfigError("--mixed_precision needs a GPU or a CPU with bfloat16 instructions (AMX, AVX512_BF16); "
-                             "this machine's encoders would run slower than in float32")
+    if job.mixed_precision and runner in LOCAL_RUNNERS:
+        local_device = "/CPU:0" if job.device == "cpu" or not tf.config.list_physical_devices("GPU") else "/GPU:0"
+        if mixed_precision_type(local_device) is None:
+            raise JobConfigError("--mixed_precision needs a GPU or a CPU with bfloat16 instructions (AMX, "
+                                 "AVX512_BF16); this machine's encoders would run slower than in float32")
     passthrough = tuple(name.strip() for name in job.passthrough.split(",") if name.strip())
     repeated = sorted({name for name in passthrough if passthrough.count(name) > 1})
     if repeated:

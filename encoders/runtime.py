@@ -94,7 +94,7 @@ with native_start_up_lines_filtered():
     import tf_keras
 
 __all__ = ["tf", "hub", "tf_keras", "configure_devices", "native_start_up_lines_filtered", "use_mixed_precision",
-           "stop_mixed_precision"]
+           "stop_mixed_precision", "mixed_precision_type"]
 
 # CPU flags (Linux /proc/cpuinfo names) of the instructions oneDNN runs bfloat16 convolutions and matmuls on. Without
 # them oneDNN emulates bfloat16, slower than float32.
@@ -119,20 +119,27 @@ def cpu_has_bfloat16(cpu_info: str | None = None) -> bool:
 MIXED_PRECISION_OPTIONS = ("auto_mixed_precision", "auto_mixed_precision_onednn_bfloat16")
 
 
+def mixed_precision_type(device: str) -> str | None:
+    """What --mixed_precision computes in on `device` ("/GPU:0", "/CPU:0"): float16 on a GPU, bfloat16 on a CPU with
+    bfloat16 instructions; None where it would run slower than float32."""
+    if device.startswith("/GPU"):
+        return "float16"
+    return "bfloat16" if cpu_has_bfloat16() else None
+
+
 def use_mixed_precision(device: str) -> str:
     """Run this process's TensorFlow graphs in mixed precision from now on, through Grappler's graph rewrite (it
-    reaches a SavedModel's restored graphs, which Keras' mixed-precision policy does not): float16 on a GPU,
-    bfloat16 on a CPU with bfloat16 instructions. Returns the type; RuntimeError on a CPU without them. The option
-    is the process's, and a function is rewritten when it first runs for an input shape: set it before the
-    encoders' first call, keep it while they run, and take it back with `stop_mixed_precision`."""
-    if device.startswith("/GPU"):
-        tf.config.optimizer.set_experimental_options({MIXED_PRECISION_OPTIONS[0]: True})
-        return "float16"
-    if not cpu_has_bfloat16():
+    reaches a SavedModel's restored graphs, which Keras' mixed-precision policy does not): mixed_precision_type's.
+    Returns the type; RuntimeError where there is none. The option is the process's, and a function is rewritten
+    when it first runs for an input shape: set it before the encoders' first call, keep it while they run, and take
+    it back with `stop_mixed_precision`."""
+    kind = mixed_precision_type(device)
+    if kind is None:
         raise RuntimeError("--mixed_precision on a worker without a GPU, whose CPU has no bfloat16 instructions "
                            f"({' or '.join(BFLOAT16_CPU_FLAGS)}): it would run slower than float32")
-    tf.config.optimizer.set_experimental_options({MIXED_PRECISION_OPTIONS[1]: True})
-    return "bfloat16"
+    option = MIXED_PRECISION_OPTIONS[0] if kind == "float16" else MIXED_PRECISION_OPTIONS[1]
+    tf.config.optimizer.set_experimental_options({option: True})
+    return kind
 
 
 def stop_mixed_precision() -> None:

@@ -68,8 +68,9 @@ def test_mixed_precision_where_it_would_be_slower_fails_at_start_in_one_line(tmp
                                                                               monkeypatch):
     """A machine without a GPU whose CPU has no bfloat16 instructions (this one's CPU stands in for one)."""
     from beam_jobs import embed_corpus
+    from encoders import runtime
 
-    monkeypatch.setattr(embed_corpus, "cpu_has_bfloat16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16", lambda: False)
     manifest = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), corpora.good_rows(2))
     code = embed_corpus.main(["--input", manifest, "--output", str(tmp_path / "out"), "--image_encoder",
                               fixture_encoders["image"], "--text_encoder", fixture_encoders["text"],
