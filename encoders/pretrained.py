@@ -44,8 +44,9 @@ TEXT_ENCODERS = (MINILM, USE_MULTILINGUAL)
 # so a cache baked by an older hubembed is never loaded as this one, and the new graph is baked beside it.
 # Revision 1 is the plain name the first bakes used, so caches of the encoders that never changed stay valid.
 # minilm-l6-v2 2: tokenisation linear in the text's length (was quadratic).
+# minilm-l6-v2 3, use-multilingual-v3 2: assertions without conds (hub_module.asserts_without_conds), the same vectors.
 BAKE_REVISIONS = MappingProxyType(
-    {MINILM: 2, MOBILENET_FEATURES: 1, MOBILENET_CLASSIFICATION: 1, USE_MULTILINGUAL: 1}
+    {MINILM: 3, MOBILENET_FEATURES: 1, MOBILENET_CLASSIFICATION: 1, USE_MULTILINGUAL: 2}
 )
 
 CACHE_DIR_ENV = "HUBEMBED_CACHE_DIR"
@@ -212,7 +213,7 @@ def read_source_files(source: SourceArchive, archive_path: str) -> dict[str, byt
 def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
     """Convert the source files into a Reusable SavedModel in `destination` (an existing empty folder)."""
     # TensorFlow is imported only when a bake actually happens: looking up a cached model path stays cheap.
-    from encoders.hub_module import save_reusable_module
+    from encoders.hub_module import asserts_without_conds, save_reusable_module
 
     if name in TEXT_ENCODERS:
         if name == MINILM:
@@ -230,7 +231,9 @@ def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
         width = mobilenet.FEATURE_DIM if head == "features" else mobilenet.NUM_CLASSES
         details = {"input": "[B, 224, 224, 3] float32 RGB in [0, 1]", "output": f"[B, {width}] float32"}
 
-    save_reusable_module(module, destination)
+    # Their graphs are traced here, on save (the text encoders' tokenisers validate ragged tensors at every step).
+    with asserts_without_conds():
+        save_reusable_module(module, destination)
     source = SOURCES[name]
     provenance = {"name": name, "bake_revision": BAKE_REVISIONS[name], "source": source.requirement,
                   "source_sha256": source.sha256, **details}

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from encoders import commands, minilm, mobilenet, pretrained
+from encoders import commands, hub_module, minilm, mobilenet, pretrained
 from encoders.runtime import hub, tf, tf_keras
 
 DATA = Path(__file__).parent / "data"
@@ -159,6 +159,41 @@ def shape_in_a_fresh_process(path: str, texts: list[str], builder_module: str) -
 def test_minilm_loads_in_a_fresh_process(encoder_cache):
     path = pretrained.ensure_baked(pretrained.MINILM, encoder_cache)
     assert shape_in_a_fresh_process(path, ["a leaf", ""], "encoders.minilm") == "(2, 384)"
+
+
+def graph_ops(function) -> list[str]:
+    """The op types of a concrete function's graph and of every function it calls."""
+    graph_def = function.graph.as_graph_def()
+    return [node.op for node in graph_def.node] + [node.op for body in graph_def.library.function
+                                                   for node in body.node_def]
+
+
+def test_asserts_without_conds_checks_the_same_and_leaves_no_cond():
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+    def non_negative(values):
+        with tf.control_dependencies([tf.debugging.assert_non_negative(values)]):
+            return tf.identity(values)
+
+    with hub_module.asserts_without_conds():
+        plain = non_negative.get_concrete_function()
+    guarded = tf.function(non_negative.python_function,
+                          input_signature=[tf.TensorSpec([None], tf.int64)]).get_concrete_function()
+    assert "If" in graph_ops(guarded) or "StatelessIf" in graph_ops(guarded)  # TensorFlow's own form, restored
+    assert "Assert" in graph_ops(plain) and not {"If", "StatelessIf"} & set(graph_ops(plain))
+    assert plain(tf.constant([0, 3], tf.int64)).numpy().tolist() == [0, 3]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        plain(tf.constant([1, -1], tf.int64))
+
+
+def test_baked_text_encoders_hold_no_guarded_asserts(encoder_cache):
+    # MiniLM's tokeniser validates ragged tensors at every step: 47 asserts, each a cond of two functions before.
+    for name in pretrained.TEXT_ENCODERS:
+        restored = tf.saved_model.load(pretrained.ensure_baked(name, encoder_cache))
+        call = restored.__call__.concrete_functions[0]
+        assert graph_ops(call).count("Assert") >= 10, name  # still checked, by plain Assert ops
+        conds_with_assert = [body.signature.name for body in call.graph.as_graph_def().library.function
+                             if any(node.op == "Assert" for node in body.node_def)]
+        assert conds_with_assert == [], name
 
 
 # --- images: the frozen graph and the reference top-5 ------------------------------------------------------------
