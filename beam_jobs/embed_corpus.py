@@ -40,6 +40,7 @@ from transforms.embedding.reuse import (
     CopyStoredVectors,
     ReuseConfigError,
     StoredFile,
+    accepted_reuse_keys,
     find_reusable_files,
     preference_order,
     reuse_key,
@@ -168,8 +169,9 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
     metadata[cols.META_COMPUTE_PRECISION] = cols.PRECISION_MIXED if job.mixed_precision else cols.PRECISION_FLOAT32
     metadata[cols.META_MAX_IMAGE_PIXELS] = str(job.max_image_pixels)
     metadata[cols.META_REUSE_KEY] = reuse_key(metadata)
+    accepted_keys = accepted_reuse_keys(metadata)
     try:
-        stored = find_reusable_files(job.reuse, metadata[cols.META_REUSE_KEY])
+        stored = find_reusable_files(job.reuse, accepted_keys)
     except ReuseConfigError as error:
         raise JobConfigError(str(error)) from error
     schema = cols.embeddings_schema(image and image.dim, text and text.dim, passthrough, metadata, job.vectors, dtype)
@@ -178,7 +180,7 @@ def plan_job(job: EmbedCorpusOptions, runner: str | None) -> JobPlan:
                          mixed_precision=bool(job.mixed_precision))
     folder = output_folder.claim(job.output, layout.EMBEDDINGS_PREFIX, JOB_NAME, job.overwrite)
     # A killed run's finished batches: taken back like --reuse outputs, so the rerun embeds only what was in flight.
-    stored += usable_checkpoints(checkpoint_files(folder.checkpoints), metadata[cols.META_REUSE_KEY])
+    stored += usable_checkpoints(checkpoint_files(folder.checkpoints), accepted_keys)
     return JobPlan(input_format, image, text, passthrough, metadata, config, folder, preference_order(stored))
 
 

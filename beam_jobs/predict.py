@@ -31,6 +31,7 @@ from transforms.downstream.embeddings_input import (
     content_identity,
     identity_difference,
     inspect_embeddings,
+    same_identity,
 )
 from transforms.downstream.predict import ScoreEmbeddings
 from transforms.downstream.serving import check_serving_model, read_model_info
@@ -87,7 +88,7 @@ def plan_job(job: PredictOptions, runner: str | None = None) -> PredictPlan:
         raise JobConfigError(str(error)) from error
     # By content: the same encoders at other paths are accepted, another model saved over the same path is not.
     trained_on = content_identity(info.encoder_identity)
-    if embeddings.identity != trained_on:
+    if not same_identity(trained_on, embeddings.identity):
         raise JobConfigError(f"{embeddings.paths[0]} was embedded with other encoders than {job.model} was trained "
                              f"on ({identity_difference(trained_on, embeddings.identity)})")
     folder = output_folder.claim(job.output, layout.PREDICTIONS_PREFIX, JOB_NAME, job.overwrite)

@@ -6,7 +6,8 @@ its output width and image size, so a bad handle fails at start in one line; `Lo
 builds in `setup()` (through `shared.Shared`, once per process) and calls per batch.
 
 An encoder is identified by its content, not its handle: `encoder_fingerprint` hashes the SavedModel's graph,
-variables and assets, `probe_encoder` records it in the spec, and `schemas.embeddings.spec_identity` keeps what
+variables and assets, `functions_fingerprint` the bodies of its functions (which the first does not see),
+`probe_encoder` records both in the spec, and `schemas.embeddings.spec_identity` keeps what
 decides the vectors (that fingerprint and how the module is called), so the same model at another path is the same
 encoder and another model saved over the same path is not.
 """
@@ -29,14 +30,16 @@ from encoders.preprocessing import to_model_inputs
 from encoders.runtime import hub, tf
 
 # isort: split
-# Private to TensorFlow, and only what `asserts_without_conds` swaps for the time of a trace.
+# TensorFlow's protos, and (private) what `asserts_without_conds` swaps for the time of a trace.
+from tensorflow.core.framework import function_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.eager import context as tf_context
 from tensorflow.python.ops import control_flow_assert, gen_logging_ops
 
 Modality = Literal["image", "text"]
 DEFAULT_IMAGE_SIZE = 224
 _PROBE_BATCH = 2
-PROBE_CACHE_VERSION = 1  # raise when what a probe checks changes: older remembered probes are then not used
+PROBE_CACHE_VERSION = 2  # raise when what a probe checks changes: older remembered probes are then not used
 FINGERPRINT_FILE = "fingerprint.pb"  # written into every SavedModel by tf.saved_model.save since TF 2.12
 # What decides an encoder's vectors, so what must match for two runs' embeddings to be comparable: the module's
 # content and how it is called. Not the handle (where it lies) nor the name (what this project calls it).
@@ -60,6 +63,9 @@ class EncoderSpec:
     dim: int | None = None  # output width, filled by probe_encoder
     name: str | None = None  # the project's own name for a baked pretrained encoder, if it is one
     fingerprint: str | None = None  # encoder_fingerprint(handle), filled by probe_encoder
+    # functions_fingerprint(handle), filled by probe_encoder: what `fingerprint` does not see (see there). None for
+    # a module without fingerprint.pb (its `fingerprint` hashes every file) and in specs written before it existed.
+    functions_fingerprint: str | None = None
     # Images only: how the decoder's [0, 1] RGB pixels become the module's input (encoders.preprocessing), and how
     # they are resized to image_size. None is the default of each (unit, area).
     input_convention: str | None = None
@@ -113,6 +119,8 @@ def encoder_fingerprint(handle: str) -> str:
     fingerprint.pb so that variables rewritten by a TensorFlow that writes no fingerprint are seen. The assets
     (e.g. a tokenizer's vocabulary) are hashed because fingerprint.pb does not cover them. Any other module (no
     fingerprint.pb: older SavedModels, TF1 Hub modules): the SHA-256 of every file in its folder.
+    fingerprint.pb's graph hash does not cover the function library, where a TF2 module's ops live:
+    `functions_fingerprint` does, and the spec carries both.
     Raises OSError / ValueError when the handle does not resolve or a file cannot be read.
     """
     path = hub.resolve(handle).rstrip("/")
@@ -149,6 +157,88 @@ def save_reusable_module(module: tf.Module, path: str, variables: list[tf.Variab
     root.regularization_losses = []
     tf.saved_model.save(root, path)
     return path
+
+
+def functions_fingerprint(handle: str) -> str | None:
+    """The SHA-256 (hex) of the bodies of a SavedModel's functions, each function named by its own content: what
+    `encoder_fingerprint` misses. None for a folder without fingerprint.pb (there every file is hashed already).
+
+    TensorFlow's graph_def_program_hash hashes the SavedModel's outer graph, not the function library where a TF2
+    model's ops live: two modules with the same variables whose `__call__` computes `x * v * 2` and `x * v * 3` have
+    the same fingerprint.pb, so a re-exported encoder with a changed preprocessing or activation would pass for the
+    old one, and `--reuse` would copy vectors it no longer makes. Function names carry a per-process counter
+    (`__inference_call_5028`), so each function is hashed with its name cleared and every call to another function
+    replaced by that one's hash: the same model saved again hashes the same. Raises OSError / DecodeError.
+    """
+    path = hub.resolve(handle).rstrip("/")
+    if not tf.io.gfile.exists(tf.io.gfile.join(path, FINGERPRINT_FILE)):
+        return None
+    saved_model = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(tf.io.gfile.join(path, "saved_model.pb"), "rb") as handle_file:
+        saved_model.ParseFromString(handle_file.read())
+    library = {function.signature.name: function for meta_graph in saved_model.meta_graphs
+               for function in meta_graph.graph_def.library.function}
+    digests: dict[str, str] = {}
+
+    def digest(name: str) -> str:
+        if name not in digests:
+            digests[name] = hashlib.sha256(_canonical_function(library[name], library, digest)).hexdigest()
+        return digests[name]
+
+    return hashlib.sha256("\n".join(sorted(digest(name) for name in library)).encode()).hexdigest()
+
+
+# Attributes that name things rather than compute: a tensor's counter, a table's process-wide name, colocation.
+_NAMING_ATTRS = ("_user_specified_name", "shared_name", "_class")
+
+
+def _canonical_function(original, library: dict, digest) -> bytes:
+    """A FunctionDef serialised without what differs between two traces of the same code in two processes: its
+    name, its arguments' and nodes' names (counters such as `key_value_init101`; replaced by their positions, in the
+    order the trace made them), naming attributes, debug info, and the names of the functions it calls (their
+    digests instead)."""
+    function = function_pb2.FunctionDef()
+    function.CopyFrom(original)
+    function.signature.name = ""
+    names: dict[str, str] = {}
+    for position, arg in enumerate(function.signature.input_arg):
+        names[arg.name] = arg.name = f"arg{position}"
+    for position, node in enumerate(function.node_def):
+        names[node.name] = node.name = f"node{position}"
+
+    def renamed(reference: str) -> str:  # "name", "name:output:0" or "^name"
+        control = "^" if reference.startswith("^") else ""
+        base, colon, rest = reference.lstrip("^").partition(":")
+        return control + names.get(base, base) + colon + rest
+
+    for node in function.node_def:
+        node.input[:] = [renamed(reference) for reference in node.input]
+        node.ClearField("experimental_debug_info")  # the original names, counters included
+        for attr in _NAMING_ATTRS:
+            node.attr.pop(attr, None)
+        if node.op in library:
+            node.op = digest(node.op)
+        for value in node.attr.values():
+            _name_functions_by_digest(value, library, digest)
+    for arg_attrs in function.arg_attr.values():
+        for attr in _NAMING_ATTRS:
+            arg_attrs.attr.pop(attr, None)
+    for output, reference in list(function.ret.items()):
+        function.ret[output] = renamed(reference)
+    control_ret = {names.get(output, output): names.get(node, node) for output, node in function.control_ret.items()}
+    function.ClearField("control_ret")
+    function.control_ret.update(control_ret)
+    function.signature.control_output[:] = [names.get(output, output) for output in function.signature.control_output]
+    return function.SerializeToString(deterministic=True)
+
+
+def _name_functions_by_digest(value, library: dict, digest) -> None:
+    """An attribute's references to library functions (`f` of a call, the branches of an If...) → their digests."""
+    for function_ref in ([value.func] if value.HasField("func") else []) + list(value.list.func):
+        if function_ref.name in library:
+            function_ref.name = digest(function_ref.name)
+        for nested in function_ref.attr.values():
+            _name_functions_by_digest(nested, library, digest)
 
 
 @contextlib.contextmanager
@@ -245,18 +335,27 @@ def _probe_input(modality: Modality, image_size: int) -> tf.Tensor:
     return tf.constant(["hubembed start-up probe", ""])
 
 
-def _content_fingerprint(handle: str) -> str | None:
-    """encoder_fingerprint(handle), or None where it cannot be read (not there, not a SavedModel: the full probe
+Fingerprints = tuple[str, str | None]  # (encoder_fingerprint, functions_fingerprint)
+
+
+def content_fingerprints(handle: str) -> Fingerprints:
+    """Both fingerprints of the module a handle names. Raises as encoder_fingerprint does."""
+    return encoder_fingerprint(handle), functions_fingerprint(handle)
+
+
+def _readable_fingerprints(handle: str) -> Fingerprints | None:
+    """content_fingerprints(handle), or None where they cannot be read (not there, not a SavedModel: the full probe
     then says why, in one line)."""
     try:
-        return encoder_fingerprint(handle)
+        return content_fingerprints(handle)
     except Exception:
         return None
 
 
-def _probe_cache_path(probe_cache: str, spec: EncoderSpec, fingerprint: str, image_size_flag: int | None) -> str:
+def _probe_cache_path(probe_cache: str, spec: EncoderSpec, fingerprints: Fingerprints,
+                      image_size_flag: int | None) -> str:
     """Where the probe of this module content, called this way, is remembered."""
-    key = json.dumps([PROBE_CACHE_VERSION, spec.modality, fingerprint, spec.signature, spec.output_key,
+    key = json.dumps([PROBE_CACHE_VERSION, spec.modality, *fingerprints, spec.signature, spec.output_key,
                       image_size_flag])
     return os.path.join(probe_cache, hashlib.sha256(key.encode()).hexdigest() + ".json")
 
@@ -270,13 +369,14 @@ def probe_encoder(spec: EncoderSpec, image_size_flag: int | None = None,
     With `probe_cache` (a local folder), a module whose content was probed before, called the same way, is not
     loaded again: its probe is read back by its content fingerprint (a nightly run saves loading each model twice).
     """
-    fingerprint = _content_fingerprint(spec.handle) if probe_cache else None
-    cached = _probe_cache_path(probe_cache, spec, fingerprint, image_size_flag) if fingerprint else None
+    fingerprints = _readable_fingerprints(spec.handle) if probe_cache else None
+    cached = _probe_cache_path(probe_cache, spec, fingerprints, image_size_flag) if fingerprints else None
     if cached and os.path.exists(cached):
         with open(cached, encoding="utf-8") as handle:
             known = json.load(handle)
-        return dataclasses.replace(spec, image_size=known["image_size"], dim=known["dim"], fingerprint=fingerprint)
-    probed = _probe(spec, image_size_flag, fingerprint)
+        return dataclasses.replace(spec, image_size=known["image_size"], dim=known["dim"],
+                                   fingerprint=fingerprints[0], functions_fingerprint=fingerprints[1])
+    probed = _probe(spec, image_size_flag, fingerprints)
     if cached:
         os.makedirs(probe_cache, exist_ok=True)
         temporary = f"{cached}.{os.getpid()}.tmp"
@@ -286,7 +386,7 @@ def probe_encoder(spec: EncoderSpec, image_size_flag: int | None = None,
     return probed
 
 
-def _probe(spec: EncoderSpec, image_size_flag: int | None, fingerprint: str | None = None) -> EncoderSpec:
+def _probe(spec: EncoderSpec, image_size_flag: int | None, fingerprints: Fingerprints | None = None) -> EncoderSpec:
     try:
         layer = keras_layer(spec)
     except Exception as error:  # hub raises many kinds (OSError, ValueError, NotFoundError, HTTP errors)
@@ -314,16 +414,17 @@ def _probe(spec: EncoderSpec, image_size_flag: int | None, fingerprint: str | No
         raise EncoderConfigError(
             f"{spec.modality} encoder {spec.handle!r} returns {output.dtype.name}{shape.as_list()}, "
             f"not a [B, d] float embedding")
-    if fingerprint is None:  # not taken before the load (no probe cache), or not readable then
+    if fingerprints is None:  # not taken before the load (no probe cache), or not readable then
         started = time.perf_counter()
         try:
-            fingerprint = encoder_fingerprint(spec.handle)  # after loading: a hub URL is downloaded by then
-        except Exception as error:  # OSError, NotFoundError, a fingerprint.pb that does not parse
+            fingerprints = content_fingerprints(spec.handle)  # after loading: a hub URL is downloaded by then
+        except Exception as error:  # OSError, NotFoundError, a fingerprint.pb or saved_model.pb that does not parse
             raise EncoderConfigError(
                 f"cannot fingerprint {spec.modality} encoder {spec.handle!r}: {one_line(error)}") from error
-        log.info("%s encoder %s: fingerprint %s (%.2fs)", spec.modality, spec.handle, fingerprint[:16],
+        log.info("%s encoder %s: fingerprint %s (%.2fs)", spec.modality, spec.handle, fingerprints[0][:16],
                  time.perf_counter() - started)
-    return dataclasses.replace(spec, image_size=image_size, dim=int(shape[1]), fingerprint=fingerprint)
+    return dataclasses.replace(spec, image_size=image_size, dim=int(shape[1]), fingerprint=fingerprints[0],
+                               functions_fingerprint=fingerprints[1])
 
 
 class LoadedEncoder:

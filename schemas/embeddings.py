@@ -119,7 +119,8 @@ def encoder_identity(metadata: Mapping[str, str]) -> dict:
 
 
 # The fields of an encoder spec (its JSON in the metadata) that decide its vectors: not its path.
-IDENTITY_FIELDS = ("modality", "fingerprint", "signature", "output_key", "image_size", "dim")
+FUNCTIONS_FINGERPRINT = "functions_fingerprint"  # written since 2026-12: older specs lack it (see same_identity)
+IDENTITY_FIELDS = ("modality", "fingerprint", FUNCTIONS_FINGERPRINT, "signature", "output_key", "image_size", "dim")
 
 
 def spec_identity(spec: Mapping) -> dict:

@@ -62,6 +62,25 @@ class TinyTextEncoder(tf.Module):
         self.__call__ = call
 
 
+class SquaredTextEncoder(TinyTextEncoder):
+    """TinyTextEncoder's variables with another computation (its vectors squared): a re-export whose change lies
+    in the function body alone, which TensorFlow's fingerprint.pb does not see."""
+
+    def __init__(self):
+        super().__init__()
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.bool)])
+        def call(texts, training=False):
+            words = tf.strings.split(tf.strings.lower(texts))
+            ids = tf.strings.to_hash_bucket_fast(words, TEXT_BUCKETS)
+            vectors = tf.gather(self.table, ids)
+            total = tf.reduce_sum(vectors, axis=1)
+            count = tf.cast(tf.maximum(words.row_lengths(), 1), tf.float32)[:, None]
+            return tf.square(total / count)
+
+        self.__call__ = call
+
+
 class PoisonedTextEncoder(TinyTextEncoder):
     """TinyTextEncoder that fails (InvalidArgumentError) on any batch holding the text POISON: a model that
     chokes on one input, for the batch-then-one-by-one fallback."""
@@ -102,6 +121,10 @@ def build_image_encoder(path: str, size: int | None = 32, differentiable: bool =
 
 def build_text_encoder(path: str) -> str:
     return save(TinyTextEncoder(), path)
+
+
+def build_squared_text_encoder(path: str) -> str:
+    return save(SquaredTextEncoder(), path)
 
 
 def build_poisoned_text_encoder(path: str) -> str:

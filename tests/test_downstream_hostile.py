@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import embed_corpus, launch, predict, train_classifier
-from encoders.hub_module import EncoderSpec, encoder_fingerprint, probe_encoder
+from encoders.hub_module import EncoderSpec, encoder_fingerprint, functions_fingerprint, probe_encoder
 from schemas import embeddings as cols
 from schemas import predictions as pred
 from schemas.embeddings import spec_identity
 from scripts.make_sample_corpus import make_sample_corpus
 from tests import fixture_models
+from transforms.downstream.embeddings_input import same_identity
 from transforms.downstream.split import SPLITS, TEST, TRAIN, VALIDATION, split_of
 
 CORPUS_ROWS = 600
@@ -220,10 +221,34 @@ def test_encoder_fingerprint_follows_the_content_not_the_path(fixture_encoders, 
     assert spec.fingerprint == fingerprint and json.loads(spec.to_json())["fingerprint"] == fingerprint
     elsewhere = probe_encoder(EncoderSpec("text", "copies/../resaved"))
     assert spec_identity(json.loads(spec.to_json())) == spec_identity(json.loads(elsewhere.to_json())) == {
-        "modality": "text", "fingerprint": fingerprint, "dim": fixture_models.TEXT_DIM}
+        "modality": "text", "fingerprint": fingerprint, "functions_fingerprint": functions_fingerprint(original),
+        "dim": fixture_models.TEXT_DIM}
     # A spec written before fingerprints existed is identified by its handle, the only identity it has.
     assert spec_identity({"modality": "text", "handle": "/m", "dim": 6}) == {"modality": "text", "handle": "/m",
                                                                             "dim": 6}
+
+
+def test_the_identity_sees_a_changed_function_body(fixture_encoders, tmp_path):
+    original = fixture_encoders["text"]
+    changed = fixture_models.build_squared_text_encoder(str(tmp_path / "squared"))
+    resaved = fixture_models.build_text_encoder(str(tmp_path / "resaved"))
+    # TensorFlow's fingerprint.pb hashes the outer graph, not the functions: the two look alike to it.
+    assert encoder_fingerprint(changed) == encoder_fingerprint(original)
+    assert functions_fingerprint(changed) != functions_fingerprint(original) == functions_fingerprint(resaved)
+
+    def identity(path: str, older: bool = False) -> dict:
+        spec = json.loads(probe_encoder(EncoderSpec("text", path)).to_json())
+        if older:  # as hubembed recorded it before it fingerprinted functions
+            spec.pop(cols.FUNCTIONS_FINGERPRINT)
+        return {cols.META_TEXT_ENCODER: spec_identity(spec), cols.META_L2_NORMALIZE: "false"}
+
+    assert not same_identity(identity(original), identity(changed))
+    assert same_identity(identity(original), identity(resaved))
+    # An identity recorded before: compared on what it has, as then (it cannot tell the two apart, as it could not).
+    assert same_identity(identity(original, older=True), identity(original))
+    assert same_identity(identity(changed), identity(original, older=True))
+    reweighted = fixture_models.save(ReweightedTextEncoder(), str(tmp_path / "reweighted"))
+    assert not same_identity(identity(original, older=True), identity(reweighted))
 
 
 def test_same_encoder_elsewhere_is_accepted_other_model_at_the_same_path_is_refused(fixture_encoders, tmp_path,

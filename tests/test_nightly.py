@@ -23,7 +23,9 @@ from beam_jobs.embed_corpus import main, run
 from schemas import embeddings as cols
 from schemas import layout
 from tests import corpus_builders as corpora
+from tests import fixture_models
 from tests.test_embed_config import fails_in_one_line
+from transforms.embedding.reuse import reuse_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,6 +177,32 @@ def test_reuse_refuses_other_encoders_and_skips_unpublished_outputs(fixture_enco
     report = run(["--input", night2, "--output", str(root / "dt=2"), "--reuse", str(root / "dt=*"),
                   *encoders_argv(fixture_encoders)])
     assert report.reused == 0 and report.embedded_fresh == 10
+
+
+def test_reuse_refuses_a_changed_function_body_and_takes_outputs_written_before_it_was_fingerprinted(
+        fixture_encoders, tmp_path, capsys):
+    night1, night2, _ = nightly_corpora(tmp_path)
+    root = tmp_path / "root"
+    assert main(["--input", night1, "--output", str(root / "dt=1"), *encoders_argv(fixture_encoders)]) == 0
+    # The same variables, another computation: fingerprint.pb alone would have let its vectors be copied.
+    squared = fixture_models.build_squared_text_encoder(str(tmp_path / "squared"))
+    fails_in_one_line(capsys, ["--input", night2, "--output", str(root / "dt=2"), "--reuse", str(root / "dt=1"),
+                               "--image_encoder", fixture_encoders["image"], "--text_encoder", squared],
+                      "dt=1 was embedded with other encoders")
+    # Night 1 as an older hubembed wrote it: specs without function fingerprints, the reuse key computed on them.
+    for path in glob.glob(str(root / "dt=1" / "embeddings-*.parquet")):
+        table = pq.read_table(path)
+        metadata = cols.read_metadata(table.schema)
+        for key in (cols.META_IMAGE_ENCODER, cols.META_TEXT_ENCODER):
+            spec = json.loads(metadata[key])
+            spec.pop(cols.FUNCTIONS_FINGERPRINT)
+            metadata[key] = json.dumps(spec, sort_keys=True)
+        metadata[cols.META_REUSE_KEY] = reuse_key(metadata)
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, **{
+            key.encode(): value.encode() for key, value in metadata.items()}}), path)
+    report = run(["--input", night2, "--output", str(root / "dt=2"), "--reuse", str(root / "dt=1"),
+                  *encoders_argv(fixture_encoders)])
+    assert report.reused == 7 and report.embedded_fresh == 3  # a new record, a changed image and text
 
 
 def test_a_failed_run_publishes_nothing_and_keeps_the_earlier_run(fixture_encoders, tmp_path):

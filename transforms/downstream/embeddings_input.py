@@ -55,6 +55,23 @@ def content_identity(identity: dict) -> dict:
             for key, value in identity.items()}
 
 
+def without_functions_fingerprints(identity: dict) -> dict:
+    """A content identity as hubembed recorded it before it fingerprinted the modules' functions
+    (`encoders.hub_module.functions_fingerprint`)."""
+    return {key: {field: value for field, value in spec.items() if field != cols.FUNCTIONS_FINGERPRINT}
+            if key in ENCODER_KEYS and isinstance(spec, dict) else spec for key, spec in identity.items()}
+
+
+def same_identity(first: dict, second: dict) -> bool:
+    """Whether two content identities name the same encoders, called the same way. One recorded before function
+    fingerprints existed has none: it is then compared without them, as it was when it was written (what it was
+    accepted on then, it is accepted on now; two identities that both have them are compared on them)."""
+    if first == second:
+        return True
+    older = without_functions_fingerprints(first)
+    return older == without_functions_fingerprints(second) and (older == first or older == second)
+
+
 def embeddings_identity(metadata: dict[str, str]) -> dict:
     """What must match between two embedding files (or a file and a model) for their vectors to be comparable:
     the encoders' content identity, the image preprocessing, the L2 normalisation and the layout."""
@@ -126,7 +143,7 @@ def inspect_embeddings(pattern: str, required_columns: Sequence[str]) -> Embeddi
         if path == paths[0]:
             continue
         other = embeddings_identity(cols.read_metadata(schema))
-        if other != identity:
+        if not same_identity(identity, other):
             raise EmbeddingsInputError(
                 f"{path} was embedded with other encoders than {paths[0]} "
                 f"({identity_difference(identity, other, ('first', 'this'))}): "

@@ -55,12 +55,27 @@ def reuse_key(metadata: Mapping[str, str]) -> str:
     the precision they were computed in."""
     from transforms.downstream.embeddings_input import embeddings_identity  # imports the encoders' TF runtime
 
-    identity = {"identity": embeddings_identity(dict(metadata)), "storage": metadata.get(cols.META_STORAGE)}
+    return _reuse_key(embeddings_identity(dict(metadata)), metadata)
+
+
+def accepted_reuse_keys(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The reuse keys of outputs this run's vectors may be taken from: its own, and the key an older hubembed wrote
+    for the same encoders, before it fingerprinted the modules' functions (`embeddings_input.same_identity`). An
+    output written since has its functions' fingerprints in its key, so only the first can match it."""
+    from transforms.downstream.embeddings_input import embeddings_identity, without_functions_fingerprints
+
+    identity = embeddings_identity(dict(metadata))
+    keys = (_reuse_key(identity, metadata), _reuse_key(without_functions_fingerprints(identity), metadata))
+    return tuple(dict.fromkeys(keys))
+
+
+def _reuse_key(identity: dict, metadata: Mapping[str, str]) -> str:
+    keyed = {"identity": identity, "storage": metadata.get(cols.META_STORAGE)}
     precision = metadata.get(cols.META_COMPUTE_PRECISION, cols.PRECISION_FLOAT32)
     # Only when mixed: float32 outputs written before the key existed keep their reuse key.
     if precision != cols.PRECISION_FLOAT32:
-        identity["precision"] = precision
-    return sha256_hex(json.dumps(identity, sort_keys=True).encode())
+        keyed["precision"] = precision
+    return sha256_hex(json.dumps(keyed, sort_keys=True).encode())
 
 
 class StoredFile(NamedTuple):
@@ -82,7 +97,7 @@ def _file_metadata(path: str) -> dict[str, str]:
         return cols.read_metadata(pq.ParquetFile(handle).schema_arrow)
 
 
-def find_reusable_files(patterns: Sequence[str], key: str) -> list[StoredFile]:
+def find_reusable_files(patterns: Sequence[str], keys: Sequence[str]) -> list[StoredFile]:
     """The embeddings files of the published outputs (`_SUCCESS`) that `patterns` (folders or globs of folders)
     name. Raises ReuseConfigError for an output made with other encoders or settings; an output without
     `_SUCCESS` (a failed or running night) is never read."""
@@ -99,7 +114,7 @@ def find_reusable_files(patterns: Sequence[str], key: str) -> list[StoredFile]:
                 continue
             metadata = _file_metadata(found_files[0][0])  # a run's files share their metadata
             found = metadata.get(cols.META_REUSE_KEY)
-            if found != key:
+            if found not in keys:
                 why = "has no content fingerprints (written before reuse existed)" if found is None else \
                     "was embedded with other encoders, preprocessing, L2 setting or storage"
                 raise ReuseConfigError(f"--reuse {folder} {why}: its vectors cannot be reused by this run; "
@@ -108,12 +123,12 @@ def find_reusable_files(patterns: Sequence[str], key: str) -> list[StoredFile]:
     return sorted(set(files))
 
 
-def usable_checkpoints(files: Sequence[tuple[str, int]], key: str) -> list[StoredFile]:
-    """A killed run's checkpoint files (path, size in bytes) that this run can take back: those made with the same
-    reuse key."""
+def usable_checkpoints(files: Sequence[tuple[str, int]], keys: Sequence[str]) -> list[StoredFile]:
+    """A killed run's checkpoint files (path, size in bytes) that this run can take back: those made with one of
+    `keys` (accepted_reuse_keys)."""
     metadata = {path: _file_metadata(path) for path, _ in files}
     usable = [_stored_file(path, size, ORIGIN_CHECKPOINT, metadata[path]) for path, size in files
-              if metadata[path].get(cols.META_REUSE_KEY) == key]
+              if metadata[path].get(cols.META_REUSE_KEY) in keys]
     if len(usable) < len(files):
         log.info("ignoring %d checkpoint files of a run with other settings", len(files) - len(usable))
     return usable
