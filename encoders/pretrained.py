@@ -44,7 +44,7 @@ TEXT_ENCODERS = (MINILM, USE_MULTILINGUAL)
 # so a cache baked by an older hubembed is never loaded as this one, and the new graph is baked beside it.
 # Revision 1 is the plain name the first bakes used, so caches of the encoders that never changed stay valid.
 # minilm-l6-v2 2: tokenisation linear in the text's length (was quadratic).
-# minilm-l6-v2 3, use-multilingual-v3 2: assertions without conds (hub_module.asserts_without_conds), the same vectors.
+# minilm-l6-v2 3, use-multilingual-v3 2: asserts without conds (function_library.asserts_without_conds), same vectors.
 BAKE_REVISIONS = MappingProxyType(
     {MINILM: 3, MOBILENET_FEATURES: 1, MOBILENET_CLASSIFICATION: 1, USE_MULTILINGUAL: 2}
 )
@@ -213,7 +213,8 @@ def read_source_files(source: SourceArchive, archive_path: str) -> dict[str, byt
 def _bake(name: str, files: dict[str, bytes], destination: str) -> None:
     """Convert the source files into a Reusable SavedModel in `destination` (an existing empty folder)."""
     # TensorFlow is imported only when a bake actually happens: looking up a cached model path stays cheap.
-    from encoders.hub_module import asserts_without_conds, save_reusable_module
+    from encoders.function_library import asserts_without_conds
+    from encoders.hub_module import save_reusable_module
 
     if name in TEXT_ENCODERS:
         if name == MINILM:

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from beam_jobs import embed_corpus, launch, predict, train_classifier
-from encoders.hub_module import EncoderSpec, encoder_fingerprint, functions_fingerprint, probe_encoder
+from encoders.function_library import functions_fingerprint
+from encoders.hub_module import EncoderSpec, encoder_fingerprint, probe_encoder
 from schemas import embeddings as cols
 from schemas import predictions as pred
 from schemas.embeddings import spec_identity

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from encoders import commands, hub_module, minilm, mobilenet, pretrained
+from encoders import commands, function_library, minilm, mobilenet, pretrained
 from encoders.runtime import hub, tf, tf_keras
 
 DATA = Path(__file__).parent / "data"
@@ -174,7 +174,7 @@ def test_asserts_without_conds_checks_the_same_and_leaves_no_cond():
         with tf.control_dependencies([tf.debugging.assert_non_negative(values)]):
             return tf.identity(values)
 
-    with hub_module.asserts_without_conds():
+    with function_library.asserts_without_conds():
         plain = non_negative.get_concrete_function()
     guarded = tf.function(non_negative.python_function,
                           input_signature=[tf.TensorSpec([None], tf.int64)]).get_concrete_function()

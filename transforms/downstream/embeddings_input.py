@@ -57,7 +57,7 @@ def content_identity(identity: dict) -> dict:
 
 def without_functions_fingerprints(identity: dict) -> dict:
     """A content identity as hubembed recorded it before it fingerprinted the modules' functions
-    (`encoders.hub_module.functions_fingerprint`)."""
+    (`encoders.function_library.functions_fingerprint`)."""
     return {key: {field: value for field, value in spec.items() if field != cols.FUNCTIONS_FINGERPRINT}
             if key in ENCODER_KEYS and isinstance(spec, dict) else spec for key, spec in identity.items()}
 
