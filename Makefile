@@ -6,6 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := out/demo
+# The benchmark's peers (sentence-transformers on PyTorch) in their own venv: torch needs setuptools>=77, which drops
+# the pkg_resources that tensorflow_hub imports. Only `make bench` builds it; setup and test never install torch.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
 
@@ -33,8 +37,15 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
-bench: setup
-	$(BIN)/python benchmarks/bench_throughput.py
+# Reinstall only when the peers' pins change.
+$(PEERS_STAMP): benchmarks/requirements-peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -r benchmarks/requirements-peers.txt
+	touch $(PEERS_STAMP)
+
+bench: setup $(PEERS_STAMP)
+	$(BIN)/python benchmarks/bench_throughput.py --peers_python $(PEERS_VENV)/bin/python
 
 clean:
-	rm -rf out $(VENV)
+	rm -rf out $(VENV) $(PEERS_VENV)

