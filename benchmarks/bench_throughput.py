@@ -410,7 +410,7 @@ class JobRun:
     seconds: float  # the run report's: the pipeline's run
     wall: float  # the whole command, as cron sees it
     peak_rss_mb: float
-    steady_rate: float | None  # rows/s from the first batch out to the last; None when no worker's lines reach the log
+    steady_rate: float | None  # rows/s from the first batch out to the last (steady_rate); None without two lines
 
     @property
     def rate(self) -> float:
@@ -421,22 +421,28 @@ class JobRun:
         return self.steady_rate if self.steady_rate is not None else self.rate
 
 
-# The job's per-batch progress line (transforms.report.ProgressLog), after logging's time stamp.
-PROGRESS_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*progress: (\d+) rows done")
+# The job's per-batch progress line (transforms.report.ProgressLog), after logging's time stamp; a worker process's
+# (multi_processing, relayed by beam_jobs.launch.WorkerLogRelay) names the worker and counts its own rows.
+PROGRESS_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*progress(?: \(worker (\d+)\))?: (\d+) rows done")
 
 
 def steady_rate(console: str) -> float | None:
-    """Rows/s between the first and the last progress line of a job's console (None with fewer than two: workers in
-    other processes do not relay their lines)."""
-    points = []
+    """Rows/s from the first batch out to the last, by a job's progress lines (None with fewer than two). With
+    several workers, their counts are summed, each worker's first batch left out as a single process's is: the rows
+    done after the first worker's first line, over the time from it to the last line of any."""
+    first: dict[str | None, int] = {}  # each worker's count at its first line
+    last: dict[str | None, int] = {}
+    stamps = []
     for line in console.splitlines():
         match = PROGRESS_LINE.match(line)
         if match:
-            stamp = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            points.append((stamp, int(match[2])))
-    if len(points) < 2 or points[-1][0] <= points[0][0]:
+            stamps.append(datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+            first.setdefault(match[2], int(match[3]))
+            last[match[2]] = int(match[3])
+    if len(stamps) < 2 or stamps[-1] <= stamps[0]:
         return None
-    return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
+    return (sum(last.values()) - sum(first.values())) / (stamps[-1] - stamps[0])
 
 
 def run_job(manifest: str, output: str, *flags: str) -> JobRun:
@@ -547,7 +553,8 @@ class Bench:
         mobilenet = self.loaded(mobilenet_name, "image")
         batches = predecoded_batches(self.photos(PHOTO_SIZES[0]).paths)
         rows: dict[str, list[float]] = {name: [] for name in (
-            "model", "decode_full", "decode_dct", "limit", "tf_data", "run_inference", "job", "job_steady", "job_2")}
+            "model", "decode_full", "decode_dct", "limit", "tf_data", "run_inference", "job", "job_steady", "job_2",
+            "job_2_steady")}
         for size in PHOTO_SIZES:
             tag = f"{size[0]}x{size[1]}"
             photos = self.photos(size)
@@ -565,9 +572,10 @@ class Bench:
             job = self.job(f"image-{tag}", photos.warmed().manifest, "--text_encoder", "none")
             rows["job"].append(job.rate)
             rows["job_steady"].append(job.steady)
-            rows["job_2"].append(self.job(f"image-{tag}-2workers", photos.warmed().manifest, "--text_encoder", "none",
-                                          "--direct_num_workers", "2",
-                                          "--direct_running_mode", "multi_processing").rate)
+            two_workers = self.job(f"image-{tag}-2workers", photos.warmed().manifest, "--text_encoder", "none",
+                                   "--direct_num_workers", "2", "--direct_running_mode", "multi_processing")
+            rows["job_2"].append(two_workers.rate)
+            rows["job_2_steady"].append(two_workers.steady)
             model_after = model_alone_rate(mobilenet, batches, model_rows)
             model_alone = (model_before + model_after) / 2
             log(f"  model alone (for {tag}): {model_before:.1f} before, {model_after:.1f} after")
@@ -584,11 +592,13 @@ class Bench:
         print(rate_line("job, image only (--text_encoder none)", rows["job"]))
         print(rate_line("  the same run, steady: first batch out to last", rows["job_steady"]))
         print(rate_line("job, --direct_num_workers 2 multi_processing", rows["job_2"]))
+        print(rate_line("  the same run, steady: the workers' batches summed", rows["job_2_steady"]))
         print("  ratios")
         print(ratio_line("job / CPU limit", divide(rows["job"], rows["limit"]), 0.9))
         print(ratio_line("job steady / CPU limit", divide(rows["job_steady"], rows["limit"]), 0.9))
         print(ratio_line("job / RunInference", divide(rows["job"], rows["run_inference"]), 1.3))
         print(ratio_line("job 2 workers / job 1 process", divide(rows["job_2"], rows["job"]), 1.0))
+        print(ratio_line("job 2 workers / job 1 process, steady", divide(rows["job_2_steady"], rows["job_steady"])))
         print(ratio_line("plain tf.data loop / CPU limit", divide(rows["tf_data"], rows["limit"])))
         print(ratio_line("RunInference / CPU limit", divide(rows["run_inference"], rows["limit"])))
         sys.stdout.flush()
