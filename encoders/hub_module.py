@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -215,12 +215,16 @@ def _probe_input(modality: Modality, image_size: int) -> tf.Tensor:
     return tf.constant(["hubembed start-up probe", ""])
 
 
-Fingerprints = tuple[str, str | None]  # (encoder_fingerprint, functions_fingerprint)
+class Fingerprints(NamedTuple):
+    """A module's two content fingerprints, named as the EncoderSpec fields they fill."""
+
+    fingerprint: str  # encoder_fingerprint
+    functions_fingerprint: str | None  # functions_fingerprint
 
 
 def content_fingerprints(handle: str) -> Fingerprints:
     """Both fingerprints of the module a handle names. Raises as encoder_fingerprint does."""
-    return encoder_fingerprint(handle), functions_fingerprint(handle)
+    return Fingerprints(encoder_fingerprint(handle), functions_fingerprint(handle))
 
 
 def _readable_fingerprints(handle: str) -> Fingerprints | None:
@@ -254,8 +258,7 @@ def probe_encoder(spec: EncoderSpec, image_size_flag: int | None = None,
     if cached and os.path.exists(cached):
         with open(cached, encoding="utf-8") as handle:
             known = json.load(handle)
-        return dataclasses.replace(spec, image_size=known["image_size"], dim=known["dim"],
-                                   fingerprint=fingerprints[0], functions_fingerprint=fingerprints[1])
+        return dataclasses.replace(spec, image_size=known["image_size"], dim=known["dim"], **fingerprints._asdict())
     probed = _probe(spec, image_size_flag, fingerprints)
     if cached:
         os.makedirs(probe_cache, exist_ok=True)
@@ -301,10 +304,9 @@ def _probe(spec: EncoderSpec, image_size_flag: int | None, fingerprints: Fingerp
         except Exception as error:  # OSError, NotFoundError, a fingerprint.pb or saved_model.pb that does not parse
             raise EncoderConfigError(
                 f"cannot fingerprint {spec.modality} encoder {spec.handle!r}: {one_line(error)}") from error
-        log.info("%s encoder %s: fingerprint %s (%.2fs)", spec.modality, spec.handle, fingerprints[0][:16],
+        log.info("%s encoder %s: fingerprint %s (%.2fs)", spec.modality, spec.handle, fingerprints.fingerprint[:16],
                  time.perf_counter() - started)
-    return dataclasses.replace(spec, image_size=image_size, dim=int(shape[1]), fingerprint=fingerprints[0],
-                               functions_fingerprint=fingerprints[1])
+    return dataclasses.replace(spec, image_size=image_size, dim=int(shape[1]), **fingerprints._asdict())
 
 
 class LoadedEncoder:
