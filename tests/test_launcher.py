@@ -4,6 +4,7 @@ a console without library chatter, and a fast exit that loses nothing."""
 from __future__ import annotations
 
 import collections
+import gc
 import glob
 import json
 import logging
@@ -96,8 +97,17 @@ def test_only_direct_runner_is_pinned(asked, runs_on):
     assert pin_direct_runner(options).view_as(StandardOptions).runner == runs_on
 
 
-def test_worker_processes_get_their_share_of_tensorflow_threads(tmp_path):
-    """What each SDK worker process of a multi_processing run sees in its environment, from inside it."""
+def seen_from_a_worker(_) -> str:
+    """What an element sees of its process: its pid, main module, frozen objects, TensorFlow thread variables."""
+    main_module = sys.modules["__main__"].__spec__
+    return json.dumps([os.getpid(), main_module.name if main_module else None, gc.get_freeze_count(),
+                       *(os.environ.get(name) for name in TF_THREAD_VARIABLES)])
+
+
+def test_worker_processes_are_the_projects_workers_with_their_share_of_tensorflow_threads(tmp_path):
+    """What each SDK worker process of a multi_processing run sees, from inside it: it runs beam_jobs.sdk_worker
+    (TensorFlow imported before the harness and frozen out of the collector's sight), and its environment gives
+    it its share of the cores for TensorFlow."""
     before = {name: os.environ.get(name) for name in TF_THREAD_VARIABLES}
     share = str(max(1, len(os.sched_getaffinity(0)) // 2))
     options = pin_direct_runner(PipelineOptions(["--direct_num_workers", "2",
@@ -106,14 +116,16 @@ def test_worker_processes_get_their_share_of_tensorflow_threads(tmp_path):
         _ = (pipeline
              | beam.Create(range(8))
              | beam.Reshuffle()
-             | beam.Map(lambda _: json.dumps([os.getpid(), *(os.environ.get(n) for n in TF_THREAD_VARIABLES)]))
+             | beam.Map(seen_from_a_worker)
              | beam.io.WriteToText(str(tmp_path / "seen")))
 
     seen = [json.loads(line) for path in glob.glob(str(tmp_path / "seen*")) for line in open(path)]
     assert len(seen) == 8
     assert os.getpid() not in {pid for pid, *_ in seen}  # the elements were processed in worker processes
+    assert {main for _, main, *_ in seen} == {"beam_jobs.sdk_worker"}
+    assert all(frozen > 100_000 for _, _, frozen, *_ in seen)  # TensorFlow's and Beam's objects, imported first
     expected = [before[name] or share for name in TF_THREAD_VARIABLES]
-    assert {tuple(values) for _, *values in seen} == {tuple(expected)}
+    assert {tuple(values) for _, _, _, *values in seen} == {tuple(expected)}
     assert {name: os.environ.get(name) for name in TF_THREAD_VARIABLES} == before  # the launcher's, as it was
 
 
