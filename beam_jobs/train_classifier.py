@@ -221,7 +221,8 @@ def _write_test_predictions(path: str, scored: Iterable[tuple[Sequence[str], np.
     predict job's schema; returns (true label ids, predicted label ids)."""
     schema = _test_predictions_schema(model_info)
     true_ids, predicted_ids = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    with FileSystems.create(path) as handle, pq.ParquetWriter(handle, schema) as writer:
+    with FileSystems.create(path) as handle, pq.ParquetWriter(
+            handle, schema, use_dictionary=cols.dictionary_columns(schema)) as writer:
         for ids, probabilities, label_ids in scored:
             writer.write_table(prediction_table(list(ids), probabilities, labels, top_k=min(3, len(labels)),
                                                 schema=schema))

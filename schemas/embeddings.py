@@ -59,6 +59,16 @@ def vector_type(dim: int, dtype: str = "float32") -> pa.DataType:
     return pa.list_(VECTOR_DTYPES[dtype], dim)
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns of `schema` to write with Parquet's dictionary encoding (pyarrow's `use_dictionary`): all but
+    the lists of floats (vectors, probabilities), whose values hardly ever repeat. pyarrow's default tries them too,
+    hashing every value until the dictionary outgrows its page: 4,000 rows of 384-d vectors took 0.4-0.5 s to
+    write in the job's process against 0.02 s, and the file came out 10 % larger."""
+    return [field.name for field in schema
+            if not ((pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type))
+                    and pa.types.is_floating(field.type.value_type))]
+
+
 def vector_columns(image_dim: int | None, text_dim: int | None, vectors: str) -> list[tuple[str, int]]:
     """The vector columns a run writes, with their widths, in schema order: the per-modality ones, then `embedding`."""
     columns = []

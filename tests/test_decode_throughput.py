@@ -7,6 +7,7 @@ import io
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
@@ -18,6 +19,7 @@ from schemas import embeddings as cols
 from schemas.records import Record
 from tests import corpus_builders as corpora
 from transforms.embedding.embed import PIXELS_PER_SLOT, TEXT_CHARS_PER_SLOT, EmbedConfig, EmbedRecords, batch_slots
+from transforms.embedding.rows import ARROW_POOL_VARIABLE
 from transforms.image_decode import JPEG_SCALES, ImageDecodeError, ImageDecoder, decode_and_resize, jpeg_scale
 from transforms.report import ProgressLog
 
@@ -127,3 +129,32 @@ def test_a_batch_whose_images_all_break_is_dead_lettered_and_the_run_goes_on(fix
         assert_that(ids, equal_to(["r0", "r2"]), label="the decodable images embedded")
         assert_that(dead | beam.Map(lambda letter: (letter.id, letter.reason)),
                     equal_to([(f"r{index}", "image_corrupt") for index in (1, 3, 4, 5, 6, 7)]), label="dead letters")
+
+
+@pytest.fixture
+def arrow_pool():
+    """The process's Arrow memory pool, set back as it was after the test."""
+    before = pa.default_memory_pool()
+    yield
+    pa.set_memory_pool(before)
+
+
+@pytest.mark.parametrize("asked, in_force", [(None, "jemalloc"), ("system", "system")])
+def test_the_embedding_workers_take_arrow_memory_from_jemalloc_unless_told_otherwise(
+        fixture_encoders, arrow_pool, monkeypatch, asked, in_force):
+    """A real pipeline in this process: the embedding DoFn's setup makes jemalloc Arrow's pool, where mimalloc took
+    huge pages whose first touch cost seconds a run; a pool the user named in ARROW_DEFAULT_MEMORY_POOL stays."""
+    if asked:
+        monkeypatch.setenv(ARROW_POOL_VARIABLE, asked)
+    else:
+        monkeypatch.delenv(ARROW_POOL_VARIABLE, raising=False)
+    pa.set_memory_pool(pa.mimalloc_memory_pool() if not asked else pa.system_memory_pool())
+    text = probe_encoder(EncoderSpec("text", fixture_encoders["text"]))
+    config = EmbedConfig(image=None, text=text,
+                         schema=cols.embeddings_schema(None, text.dim, (), {}, cols.VECTORS_CONCAT, "float32"))
+    with beam.Pipeline("DirectRunner") as pipeline:
+        tables, _ = (pipeline
+                     | beam.Create([Record(id=f"r-{i}", source="s", text=f"caption {i}") for i in range(4)])
+                     | EmbedRecords(config, ProgressLog(1000)))
+        assert_that(tables | beam.Map(lambda table: table.num_rows) | beam.CombineGlobally(sum), equal_to([4]))
+    assert pa.default_memory_pool().backend_name == in_force

@@ -59,7 +59,14 @@ def test_output_folder_is_a_dataset_for_pandas_pyarrow_and_duckdb(fixture_encode
     assert len(frame) == report.embedded and frame["id"].is_unique
     assert ds.dataset(output).count_rows() == report.embedded
     # The model's small batches are gathered into row groups: one here, not one per batch of 8.
-    assert pq.ParquetFile(glob.glob(os.path.join(output, "*.parquet"))[0]).num_row_groups == 1
+    row_groups = pq.ParquetFile(glob.glob(os.path.join(output, "*.parquet"))[0]).metadata
+    assert row_groups.num_row_groups == 1
+    # A dictionary for the columns whose values repeat, none for the vectors (schemas.embeddings.dictionary_columns).
+    chunks = {row_groups.row_group(0).column(i).path_in_schema.split(".")[0]: row_groups.row_group(0).column(i)
+              for i in range(row_groups.num_columns)}
+    vectors = {cols.EMBEDDING, cols.IMAGE_EMBEDDING, cols.TEXT_EMBEDDING} & set(chunks)
+    assert vectors and not any(chunks[name].has_dictionary_page for name in vectors)
+    assert chunks[cols.LABEL].has_dictionary_page and chunks[cols.ID].has_dictionary_page
     count = duckdb.sql(f"select count(*) from read_parquet('{output}/*.parquet')").fetchall()[0][0]
     assert count == report.embedded
     # The Hive layout: a reader over the root sees every night, with a `dt` column.

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import layout
+from schemas.embeddings import dictionary_columns
 from transforms.embedding.files import matching_files
 
 
@@ -44,7 +45,7 @@ class CheckpointBatches(beam.DoFn):
             # Built in memory, then written at once: pyarrow's many small writes through a Python file object cost
             # more than the batch's data. Uncompressed: vectors barely compress, and the file lives one night.
             buffer = pa.BufferOutputStream()
-            pq.write_table(table, buffer, compression="none")
+            pq.write_table(table, buffer, compression="none", use_dictionary=dictionary_columns(table.schema))
             name = f"part-{uuid.uuid4().hex}{layout.PARQUET_SUFFIX}"
             temporary = FileSystems.join(self._folder, "." + name)  # a leading dot: no reader takes it for data
             with FileSystems.create(temporary) as handle:

@@ -6,6 +6,7 @@ Python float in between.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +14,29 @@ import pyarrow as pa
 
 from schemas import embeddings as cols
 from schemas.records import Record
+
+# Arrow's own variable for its default pool: a user's choice, which choose_arrow_memory_pool leaves in force.
+ARROW_POOL_VARIABLE = "ARROW_DEFAULT_MEMORY_POOL"
+
+
+def choose_arrow_memory_pool() -> str:
+    """Make jemalloc (else the system's malloc) this process's Arrow memory pool, unless the user chose one in
+    ARROW_DEFAULT_MEMORY_POOL; returns the name of the pool in force.
+
+    pyarrow's default, mimalloc, takes its memory in 2 MiB huge pages, and on this project's VMs the first touch
+    of each cost about 16 ms (a 64 MiB buffer: 0.6 s of system time and 39 page faults, against 0.03 s with
+    jemalloc). Every process paid it for its first row groups: the text job's last row group took 0.3-0.5 s to
+    write against 0.02 s, and a 4,000-caption run ended 0.7 s sooner with jemalloc, the free-model image job 5 %.
+    The job's Arrow buffers are batches and row groups, freed once written: nothing that huge pages speed up.
+    """
+    if not os.environ.get(ARROW_POOL_VARIABLE):
+        for pool_factory in (pa.jemalloc_memory_pool, pa.system_memory_pool):
+            try:
+                pa.set_memory_pool(pool_factory())
+                break
+            except NotImplementedError:  # a pyarrow built without jemalloc
+                continue
+    return pa.default_memory_pool().backend_name
 
 
 def vector_column(vectors: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
