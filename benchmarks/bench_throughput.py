@@ -17,8 +17,9 @@ images  MobileNet V1, the job's baked default image encoder, loaded the way the 
           plain tf.data     parallel decode + resize, batch 32, prefetch, MobileNet
           RunInference      Beam: Create(paths) → Map(read + tf decode) → RunInference(TFModelHandlerTensor over the
                             same SavedModel folder) → WriteToParquet, DirectRunner
-          job               python -m beam_jobs.embed_corpus --text_encoder none, and the same with
-                            --direct_num_workers 2 --direct_running_mode multi_processing
+          job               python -m beam_jobs.embed_corpus --text_encoder none; before everything else, while
+                            this process has run no model, once more beside the same with --direct_num_workers 2
+                            --direct_running_mode multi_processing
 free    a free model (a real SavedModel, [N,224,224,3] → [N,1024], the mean pixel broadcast: it costs nothing), so
         what is measured is everything around the model: the job, the best tf.data loop, the RunInference pipeline
 texts   MiniLM (baked): the model alone on batches of 32, the job --image_encoder none, Beam's MLTransform +
@@ -445,6 +446,9 @@ def steady_rate(console: str) -> float | None:
     return (sum(last.values()) - sum(first.values())) / (stamps[-1] - stamps[0])
 
 
+MULTI_PROCESSING_FLAGS = ("--direct_num_workers", "2", "--direct_running_mode", "multi_processing")
+
+
 def run_job(manifest: str, output: str, *flags: str) -> JobRun:
     """`python -m beam_jobs.embed_corpus` on DirectRunner in a child process: its run report, and the peak RSS of
     its processes (benchmarks.measure)."""
@@ -549,12 +553,22 @@ class Bench:
     # the sections
     def images(self) -> None:
         log("images: MobileNet V1")
+        rows: dict[str, list[float]] = {name: [] for name in (
+            "model", "decode_full", "decode_dct", "limit", "tf_data", "run_inference", "job", "job_steady", "job_1",
+            "job_1_steady", "job_2", "job_2_steady")}
+        # One process and two worker processes side by side, first, while this process has run no model: here an
+        # idle process that has run MobileNet (this one, from the loops on) slowed a new 2-worker run by 2.1-2.5 s
+        # and a 1-process run not at all. A user starts the job from a shell.
+        for size in PHOTO_SIZES:
+            tag = f"{size[0]}x{size[1]}"
+            manifest = self.photos(size).warmed().manifest
+            for key, suffix, flags in (("job_1", "", ()), ("job_2", "-2workers", MULTI_PROCESSING_FLAGS)):
+                run = self.job(f"image-{tag}{suffix}-first", manifest, "--text_encoder", "none", *flags)
+                rows[key].append(run.rate)
+                rows[f"{key}_steady"].append(run.steady)
         mobilenet_name = pretrained.DEFAULT_IMAGE_ENCODER
         mobilenet = self.loaded(mobilenet_name, "image")
         batches = predecoded_batches(self.photos(PHOTO_SIZES[0]).paths)
-        rows: dict[str, list[float]] = {name: [] for name in (
-            "model", "decode_full", "decode_dct", "limit", "tf_data", "run_inference", "job", "job_steady", "job_2",
-            "job_2_steady")}
         for size in PHOTO_SIZES:
             tag = f"{size[0]}x{size[1]}"
             photos = self.photos(size)
@@ -572,10 +586,6 @@ class Bench:
             job = self.job(f"image-{tag}", photos.warmed().manifest, "--text_encoder", "none")
             rows["job"].append(job.rate)
             rows["job_steady"].append(job.steady)
-            two_workers = self.job(f"image-{tag}-2workers", photos.warmed().manifest, "--text_encoder", "none",
-                                   "--direct_num_workers", "2", "--direct_running_mode", "multi_processing")
-            rows["job_2"].append(two_workers.rate)
-            rows["job_2_steady"].append(two_workers.steady)
             model_after = model_alone_rate(mobilenet, batches, model_rows)
             model_alone = (model_before + model_after) / 2
             log(f"  model alone (for {tag}): {model_before:.1f} before, {model_after:.1f} after")
@@ -591,14 +601,16 @@ class Bench:
         print(rate_line("Beam Map(read+decode) -> RunInference -> Parquet", rows["run_inference"]))
         print(rate_line("job, image only (--text_encoder none)", rows["job"]))
         print(rate_line("  the same run, steady: first batch out to last", rows["job_steady"]))
-        print(rate_line("job, --direct_num_workers 2 multi_processing", rows["job_2"]))
+        print(rate_line("job, 1 process, first (before this process ran a model)", rows["job_1"]))
+        print(rate_line("  the same run, steady", rows["job_1_steady"]))
+        print(rate_line("job, --direct_num_workers 2 multi_processing, beside it", rows["job_2"]))
         print(rate_line("  the same run, steady: the workers' batches summed", rows["job_2_steady"]))
         print("  ratios")
         print(ratio_line("job / CPU limit", divide(rows["job"], rows["limit"]), 0.9))
         print(ratio_line("job steady / CPU limit", divide(rows["job_steady"], rows["limit"]), 0.9))
         print(ratio_line("job / RunInference", divide(rows["job"], rows["run_inference"]), 1.3))
-        print(ratio_line("job 2 workers / job 1 process", divide(rows["job_2"], rows["job"]), 1.0))
-        print(ratio_line("job 2 workers / job 1 process, steady", divide(rows["job_2_steady"], rows["job_steady"])))
+        print(ratio_line("job 2 workers / job 1 process", divide(rows["job_2"], rows["job_1"]), 1.0))
+        print(ratio_line("job 2 workers / job 1 process, steady", divide(rows["job_2_steady"], rows["job_1_steady"])))
         print(ratio_line("plain tf.data loop / CPU limit", divide(rows["tf_data"], rows["limit"])))
         print(ratio_line("RunInference / CPU limit", divide(rows["run_inference"], rows["limit"])))
         sys.stdout.flush()
