@@ -55,7 +55,7 @@ def import_paused_collector(module: str) -> ModuleType:
 
     TensorFlow and Beam create some 700,000 objects as they import, and Python's collector walks all of those made
     so far at each of its full collections, half a dozen during the import: 0.8 s of the 3.6 s their import takes
-    here. Paused, it walks them once, at its first full collection after (about 0.15 s). They are not frozen out of
+    here. Paused, it walks them once, at its first full collection after (about 0.3 s). They are not frozen out of
     its sight (`gc.freeze`): a process that imports a job in-process (tests, a notebook) would keep its garbage of
     the moment for good.
     """

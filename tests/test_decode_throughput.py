@@ -143,7 +143,7 @@ def arrow_pool():
 def test_the_embedding_workers_take_arrow_memory_from_jemalloc_unless_told_otherwise(
         fixture_encoders, arrow_pool, monkeypatch, asked, in_force):
     """A real pipeline in this process: the embedding DoFn's setup makes jemalloc Arrow's pool, where mimalloc took
-    huge pages whose first touch cost seconds a run; a pool the user named in ARROW_DEFAULT_MEMORY_POOL stays."""
+    huge pages whose first touch cost 0.3-0.5 s a process here; a pool named in ARROW_DEFAULT_MEMORY_POOL stays."""
     if asked:
         monkeypatch.setenv(ARROW_POOL_VARIABLE, asked)
     else:
