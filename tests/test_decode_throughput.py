@@ -31,6 +31,14 @@ def photos() -> list[np.ndarray]:
     return source_photos()
 
 
+def one_encoder_config(modality: str, handle: str) -> EmbedConfig:
+    """The EmbedConfig of one encoder alone (probed), its vectors written concatenated, in float32."""
+    spec = probe_encoder(EncoderSpec(modality, handle))
+    image, text = (spec, None) if modality == "image" else (None, spec)
+    schema = cols.embeddings_schema(image and image.dim, text and text.dim, (), {}, cols.VECTORS_CONCAT, "float32")
+    return EmbedConfig(image=image, text=text, schema=schema)
+
+
 def jpeg_of(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (200, 40, 90)).save(buffer, format="JPEG")
@@ -89,9 +97,7 @@ def test_large_images_and_long_texts_take_more_slots():
 def test_long_texts_make_smaller_batches_and_every_record_comes_out(fixture_encoders):
     """A real pipeline: 12 short texts and 6 of 3 slots each, batches of 8 slots; each output table is one model
     batch, so its rows say how the records were batched."""
-    text = probe_encoder(EncoderSpec("text", fixture_encoders["text"]))
-    schema = cols.embeddings_schema(None, text.dim, (), {}, cols.VECTORS_CONCAT, "float32")
-    config = EmbedConfig(image=None, text=text, schema=schema)
+    config = one_encoder_config("text", fixture_encoders["text"])
     short = [Record(id=f"short-{i}", source="s", text=f"caption {i}") for i in range(12)]
     long = [Record(id=f"long-{i}", source="s", text="word " * (TEXT_CHARS_PER_SLOT // 2)) for i in range(6)]
     with beam.Pipeline("DirectRunner") as pipeline:
@@ -115,9 +121,7 @@ def test_long_texts_make_smaller_batches_and_every_record_comes_out(fixture_enco
 def test_a_batch_whose_images_all_break_is_dead_lettered_and_the_run_goes_on(fixture_encoders, photos):
     """Batches of 4: one where some images break and one where every image breaks. The broken ones are dead-lettered
     alone (image_corrupt), the others embedded."""
-    image = probe_encoder(EncoderSpec("image", fixture_encoders["image"]))
-    schema = cols.embeddings_schema(image.dim, None, (), {}, cols.VECTORS_CONCAT, "float32")
-    config = EmbedConfig(image=image, text=None, schema=schema)
+    config = one_encoder_config("image", fixture_encoders["image"])
     broken = b"\xff\xd8\xff\xe0 not a jpeg at all"
     images = [photo_jpeg(photos, seed=1), broken, photo_jpeg(photos, seed=2), broken, broken, broken, broken, broken]
     records = [Record(id=f"r{index}", source="s", image_bytes=data) for index, data in enumerate(images)]
@@ -149,9 +153,7 @@ def test_the_embedding_workers_take_arrow_memory_from_jemalloc_unless_told_other
     else:
         monkeypatch.delenv(ARROW_POOL_VARIABLE, raising=False)
     pa.set_memory_pool(pa.mimalloc_memory_pool() if not asked else pa.system_memory_pool())
-    text = probe_encoder(EncoderSpec("text", fixture_encoders["text"]))
-    config = EmbedConfig(image=None, text=text,
-                         schema=cols.embeddings_schema(None, text.dim, (), {}, cols.VECTORS_CONCAT, "float32"))
+    config = one_encoder_config("text", fixture_encoders["text"])
     with beam.Pipeline("DirectRunner") as pipeline:
         tables, _ = (pipeline
                      | beam.Create([Record(id=f"r-{i}", source="s", text=f"caption {i}") for i in range(4)])
