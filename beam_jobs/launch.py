@@ -25,6 +25,7 @@ from google.protobuf import text_format
 
 from beam_jobs.flags import JobCommand
 from schemas.report import RunReport
+from transforms.embedding.rows import choose_arrow_memory_pool
 from transforms.report import format_report
 
 EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
@@ -67,6 +68,7 @@ def job_main(argv: list[str] | None, command: JobCommand, run: Callable[[list[st
     """Parse (for --help and flag types), log, run; a JobConfigError is one `hubembed: error:` line and exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command.parser().parse_known_args(argv)  # --help, and type errors in our own flags, as argparse reports them
+    choose_arrow_memory_pool()  # before the run's first Arrow buffers: the start-up checks' reads, an in-process run
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("hubembed", "encoders"):
         logging.getLogger(name).setLevel(logging.INFO)

@@ -19,6 +19,7 @@ import sys
 from typing import NoReturn
 
 from beam_jobs.cli import exit_process, import_paused_collector
+from transforms.embedding.rows import choose_arrow_memory_pool
 
 BEAM_WORKER_MAIN = "apache_beam.runners.worker.sdk_worker_main"
 # What every worker of the project's pipelines imports: TensorFlow, tensorflow_hub and tensorflow_text, configured.
@@ -30,6 +31,7 @@ def main() -> NoReturn:
     for module in PRELOADED:
         import_paused_collector(module)
     gc.freeze()  # a worker lives for one run: what it imported stays to its end, and need not be walked again
+    choose_arrow_memory_pool()  # before any step of the run makes an Arrow buffer
     harness.main(sys.argv)  # raises when the harness fails: the traceback and a nonzero exit, as Beam's own
     exit_process(0)
 

@@ -14,6 +14,14 @@ from schemas import layout
 from tests import fixture_models
 
 
+@pytest.fixture
+def arrow_pool():
+    """The process's Arrow memory pool, set back as it was after the test."""
+    before = pa.default_memory_pool()
+    yield
+    pa.set_memory_pool(before)
+
+
 @pytest.fixture(scope="session")
 def fixture_encoders(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("encoders")

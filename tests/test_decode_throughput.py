@@ -135,14 +135,6 @@ def test_a_batch_whose_images_all_break_is_dead_lettered_and_the_run_goes_on(fix
                     equal_to([(f"r{index}", "image_corrupt") for index in (1, 3, 4, 5, 6, 7)]), label="dead letters")
 
 
-@pytest.fixture
-def arrow_pool():
-    """The process's Arrow memory pool, set back as it was after the test."""
-    before = pa.default_memory_pool()
-    yield
-    pa.set_memory_pool(before)
-
-
 @pytest.mark.parametrize("asked, in_force", [(None, "jemalloc"), ("system", "system")])
 def test_the_embedding_workers_take_arrow_memory_from_jemalloc_unless_told_otherwise(
         fixture_encoders, arrow_pool, monkeypatch, asked, in_force):

@@ -16,6 +16,7 @@ import time
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.portability.api import beam_fn_api_pb2
@@ -31,6 +32,7 @@ from beam_jobs.launch import (
     WORKER_LOG_RELAY,
     InProcessRunner,
     WorkerLogRelay,
+    job_main,
     pin_direct_runner,
 )
 from beam_jobs.predict import PredictOptions
@@ -40,6 +42,7 @@ from schemas import layout
 from tests import corpus_builders as corpora
 from tests.conftest import read_parquet_dir
 from transforms import report as progress_report
+from transforms.embedding.rows import ARROW_POOL_VARIABLE
 from transforms.report import ProgressLog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,17 +100,30 @@ def test_only_direct_runner_is_pinned(asked, runs_on):
     assert pin_direct_runner(options).view_as(StandardOptions).runner == runs_on
 
 
+def test_a_job_runs_with_arrow_memory_from_jemalloc(arrow_pool, monkeypatch):
+    """Every job's process takes Arrow's memory from jemalloc before its run begins (job_main): the start-up checks'
+    reads and an in-process run's steps, the copy of --reuse vectors among them, pay no huge-page first touches."""
+    monkeypatch.delenv(ARROW_POOL_VARIABLE, raising=False)
+    pa.set_memory_pool(pa.mimalloc_memory_pool())
+    pools_seen = []
+    assert job_main([], flags.EMBED, lambda argv: pools_seen.append(pa.default_memory_pool().backend_name),
+                    lambda report: 0) == 0
+    assert pools_seen == ["jemalloc"]
+
+
 def seen_from_a_worker(_) -> str:
-    """What an element sees of its process: its pid, main module, frozen objects, TensorFlow thread variables."""
+    """What an element sees of its process: its pid, main module, frozen objects, Arrow's memory pool, TensorFlow
+    thread variables."""
     main_module = sys.modules["__main__"].__spec__
     return json.dumps([os.getpid(), main_module.name if main_module else None, gc.get_freeze_count(),
-                       *(os.environ.get(name) for name in TF_THREAD_VARIABLES)])
+                       pa.default_memory_pool().backend_name, *(os.environ.get(name) for name in TF_THREAD_VARIABLES)])
 
 
 def test_worker_processes_are_the_projects_workers_with_their_share_of_tensorflow_threads(tmp_path):
     """What each SDK worker process of a multi_processing run sees, from inside it: it runs beam_jobs.sdk_worker
-    (TensorFlow imported before the harness and frozen out of the collector's sight), and its environment gives
-    it its share of the cores for TensorFlow."""
+    (TensorFlow imported before the harness and frozen out of the collector's sight, Arrow's memory from jemalloc
+    before any step runs: this pipeline has no step of the job's), and its environment gives it its share of the
+    cores for TensorFlow."""
     before = {name: os.environ.get(name) for name in TF_THREAD_VARIABLES}
     share = str(max(1, len(os.sched_getaffinity(0)) // 2))
     options = pin_direct_runner(PipelineOptions(["--direct_num_workers", "2",
@@ -124,8 +140,9 @@ def test_worker_processes_are_the_projects_workers_with_their_share_of_tensorflo
     assert os.getpid() not in {pid for pid, *_ in seen}  # the elements were processed in worker processes
     assert {main for _, main, *_ in seen} == {"beam_jobs.sdk_worker"}
     assert all(frozen > 100_000 for _, _, frozen, *_ in seen)  # TensorFlow's and Beam's objects, imported first
+    assert {pool for _, _, _, pool, *_ in seen} == {os.environ.get(ARROW_POOL_VARIABLE) or "jemalloc"}
     expected = [before[name] or share for name in TF_THREAD_VARIABLES]
-    assert {tuple(values) for _, _, _, *values in seen} == {tuple(expected)}
+    assert {tuple(values) for _, _, _, _, *values in seen} == {tuple(expected)}
     assert {name: os.environ.get(name) for name in TF_THREAD_VARIABLES} == before  # the launcher's, as it was
 
 

@@ -119,7 +119,7 @@ class EmbedBatch(beam.DoFn):
         self._progress.start()
         self._failure_run = FailureRun()
         device = configure_devices(config.device)
-        choose_arrow_memory_pool()  # before the first batch's tables and row groups
+        choose_arrow_memory_pool()  # on a remote worker, before the first batch's tables and row groups
         # Before the encoders' graphs first run, which is when TensorFlow rewrites them, and for as long as this DoFn
         # runs batches (each new batch size is a new first run); taken back in teardown, for whatever else the
         # process runs after this pipeline (an in-process run).

@@ -35,7 +35,7 @@ from schemas.records import Record
 from transforms.dead_letters import METRICS_NAMESPACE, RECORDS_EMBEDDED
 from transforms.embedding.files import matching_files, matching_paths
 from transforms.embedding.image_check import sha256_hex
-from transforms.embedding.rows import record_columns
+from transforms.embedding.rows import choose_arrow_memory_pool, record_columns
 
 log = logging.getLogger("hubembed")
 
@@ -219,6 +219,9 @@ class CopyRowGroupVectors(beam.DoFn):
         self._reused = Metrics.counter(METRICS_NAMESPACE, RECORDS_REUSED)
         self._resumed = Metrics.counter(METRICS_NAMESPACE, RECORDS_RESUMED)
         self._written = Metrics.counter(METRICS_NAMESPACE, RECORDS_EMBEDDED)  # every output row, fresh or reused
+
+    def setup(self):
+        choose_arrow_memory_pool()  # on a remote worker, whose process the job did not start (as EmbedBatch.setup)
 
     def process(self, group: tuple[tuple[int, int], Iterable[bytes]]) -> Iterator[pa.Table]:
         (rank, row_group), chunks = group

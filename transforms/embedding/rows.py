@@ -28,6 +28,10 @@ def choose_arrow_memory_pool() -> str:
     jemalloc). Every process paid it for its first row groups: the text job's last row group took 0.3-0.5 s to
     write against 0.02 s, and a 4,000-caption run ended 0.7 s sooner with jemalloc, the free-model image job 5 %.
     The job's Arrow buffers are batches and row groups, freed once written: nothing that huge pages speed up.
+
+    Called as each of the job's processes starts (beam_jobs.launch.job_main, beam_jobs.sdk_worker), and in the
+    setup of the DoFns that build tables, for remote workers, whose processes are not the job's. A night whose 6,000
+    records were all reused took 1.6-2.1 s of pipeline with jemalloc, 2.7-2.9 s with mimalloc.
     """
     if not os.environ.get(ARROW_POOL_VARIABLE):
         for pool_factory in (pa.jemalloc_memory_pool, pa.system_memory_pool):
