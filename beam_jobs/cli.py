@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import NoReturn
 
 from beam_jobs.flags import JOBS
+from beam_jobs.standby import standby_workers
 
 # Commands whose module parses its own arguments (its own subcommands); cheap to import.
 DELEGATED = {
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = JOBS[name]
     command.parser(prog=f"hubembed {name}").parse_known_args(rest)  # --help and flag types, as argparse reports them
-    return import_paused_collector(command.module).main(rest)
+    with standby_workers(rest):  # before the job's imports, which theirs then overlap (beam_jobs.standby)
+        return import_paused_collector(command.module).main(rest)
 
 
 def import_paused_collector(module: str) -> ModuleType:

@@ -24,6 +24,13 @@ from apache_beam.runners.runner import PipelineResult, PipelineRunner
 from google.protobuf import text_format
 
 from beam_jobs.flags import JobCommand
+from beam_jobs.standby import (
+    DIRECT_RUNNER_NAMES,
+    IN_PROCESS_RUNNER,
+    TF_THREAD_VARIABLES,
+    standby_workers,
+    tensorflow_thread_shares,
+)
 from schemas.report import RunReport
 from transforms.embedding.rows import choose_arrow_memory_pool
 from transforms.report import format_report
@@ -32,14 +39,8 @@ EXIT_OK, EXIT_TOO_MANY_ERRORS, EXIT_CONFIG = 0, 1, 2
 # Runners whose workers never share the launcher's disk. Flink, Spark and Portable runners can run on this machine
 # (a local job server, an embedded cluster), so a local folder is left for them to judge.
 REMOTE_RUNNERS = ("DataflowRunner",)
-# What --runner names Beam's DirectRunner by (Beam matches runner names without case).
-DIRECT_RUNNER_NAMES = ("direct", "directrunner")
-# Where a job runs for DirectRunner: the class pin_direct_runner puts in the options, by Beam's runner path.
-IN_PROCESS_RUNNER = "beam_jobs.launch.InProcessRunner"
 # Runners whose workers are processes of this machine: what the launcher sees (a GPU) is what they see.
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "BundleBasedDirectRunner", "SwitchingDirectRunner", IN_PROCESS_RUNNER)
-# TensorFlow sizes its thread pools from these when it first runs an op (unless a session config says otherwise).
-TF_THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 # The logger under which Beam relays the log of its SDK worker processes (--direct_running_mode multi_processing),
 # the levels of its LogEntry severities, and the project's packages, whose lines WorkerLogRelay keeps at INFO.
 WORKER_LOG_RELAY = "apache_beam.runners.portability.local_job_service"
@@ -78,7 +79,8 @@ def job_main(argv: list[str] | None, command: JobCommand, run: Callable[[list[st
         relay.addFilter(WorkerLogRelay())
     try:
         check_flag_spelling(argv)
-        report = run(argv)
+        with standby_workers(argv):  # their imports overlap the start-up checks (beam_jobs.standby)
+            report = run(argv)
     except JobConfigError as error:
         print(f"hubembed: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -179,11 +181,6 @@ def pin_direct_runner(options: PipelineOptions) -> PipelineOptions:
     return options
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def worker_processes(options: PipelineOptions) -> int:
     """How many SDK worker processes the FnApiRunner starts for `options`; 0 when it runs the pipeline in this
     process (in_memory; multi_threading, whose workers are threads)."""
@@ -210,11 +207,7 @@ def tensorflow_threads_per_worker(processes: int) -> Iterator[None]:
     set for the run's length, unless the user set them. Threads of one process (in_memory, multi_threading) share
     one TensorFlow, whose pools already hold one thread per core: nothing to share out.
     """
-    if processes <= 1:
-        yield
-        return
-    share = str(max(1, usable_cores() // processes))
-    added = {name: share for name in TF_THREAD_VARIABLES if name not in os.environ}
+    added = tensorflow_thread_shares(processes)
     os.environ.update(added)
     try:
         yield

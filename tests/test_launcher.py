@@ -9,10 +9,13 @@ import glob
 import json
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -34,8 +37,10 @@ from beam_jobs.launch import (
     WorkerLogRelay,
     job_main,
     pin_direct_runner,
+    worker_processes,
 )
 from beam_jobs.predict import PredictOptions
+from beam_jobs.standby import requested_worker_processes
 from beam_jobs.train_classifier import TrainClassifierOptions
 from encoders.runtime import native_start_up_lines_filtered
 from schemas import layout
@@ -163,6 +168,12 @@ def test_a_multi_processing_run_reconciles_and_writes_what_one_process_writes(ca
     progress = [line for line in workers_lines if line.startswith("progress (worker ")]
     assert progress and all(f"(worker {os.getpid()})" not in line for line in progress)
     assert any(line.startswith("loaded image encoder") for line in workers_lines)
+    # The workers that ran the pipeline are the two the launcher started ahead of the run (beam_jobs.standby).
+    started_ahead = [re.fullmatch(r"started 2 worker processes ahead of the run \(pids (\d+), (\d+)\)", line)
+                     for line in workers_lines]
+    standby_pids = {int(pid) for match in started_ahead if match for pid in match.groups()}
+    assert len(standby_pids) == 2
+    assert {int(re.match(r"progress \(worker (\d+)\)", line)[1]) for line in progress} <= standby_pids
     workers = json.load(open(tmp_path / "workers" / layout.REPORT_NAME))
     alone = embed_run(embed_args(fixture_encoders, manifest, str(tmp_path / "alone"), *lenient))
 
@@ -180,6 +191,79 @@ def test_a_multi_processing_run_reconciles_and_writes_what_one_process_writes(ca
     assert sorted(embedded.column("id").to_pylist()) == sorted(by_id)
     for row in embedded.to_pylist():
         np.testing.assert_allclose(row["embedding"], by_id[row["id"]], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--direct_running_mode", "multi_processing"], ["--direct_running_mode=multi_processing",
+                                                         "--direct_num_workers=3"],
+    ["--direct_num_workers", "2"], ["--direct_num_workers", "2", "--direct_running_mode", "multi_threading"],
+    ["--runner", "DirectRunner", "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"],
+    ["--runner", "direct", "--direct_running_mode", "multi_processing", "--direct_num_workers", "1"],
+    ["--runner", "PrismRunner", "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"],
+    ["--runner", "DataflowRunner", "--direct_running_mode", "multi_processing"],
+])
+def test_the_launcher_reads_how_many_worker_processes_a_run_starts_before_importing_beam(argv):
+    """What standby_workers reads from the flags alone is what the runner starts once Beam has parsed them."""
+    options = pin_direct_runner(PipelineOptions(argv))
+    starts = worker_processes(options) if options.view_as(StandardOptions).runner == IN_PROCESS_RUNNER else 0
+    assert requested_worker_processes(argv) == starts
+
+
+def live_processes() -> Iterator[tuple[int, int, list[bytes]]]:
+    """(pid, parent pid, command line) of each process of this machine that has not ended, from /proc (a zombie
+    nobody reaped yet has ended)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as handle:
+                state, parent = handle.read().rsplit(")", 1)[1].split()[:2]
+        except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
+            continue
+        if state != "Z":
+            yield int(entry), int(parent), command
+
+
+def standby_children(launcher_pid: int) -> list[int]:
+    """The live standby workers (`beam_jobs.sdk_worker --standby`) whose parent is `launcher_pid`."""
+    return [pid for pid, parent, command in live_processes()
+            if parent == launcher_pid and b"beam_jobs.sdk_worker" in command and b"--standby" in command]
+
+
+def test_standby_workers_end_with_their_launcher_even_when_it_is_killed(tmp_path, small_corpus, fixture_encoders):
+    """`hubembed embed` with worker processes starts them ahead of the run, before it imports the job; killed with
+    SIGKILL before its run, the launcher leaves no worker behind: each sees its stdin close and ends."""
+    command = [sys.executable, "-m", "beam_jobs.cli", "embed",
+               *embed_args(fixture_encoders, small_corpus, str(tmp_path / "out"), "--direct_num_workers", "2",
+                           "--direct_running_mode", "multi_processing")]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while len(standby_children(launcher.pid)) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.02)
+    standbys = standby_children(launcher.pid)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    assert len(standbys) == 2  # started by the command itself, at once
+    deadline = time.monotonic() + 60  # a standby killed mid-import ends once its imports are done
+    while set(standbys) & {pid for pid, _, _ in live_processes()} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(standbys) & {pid for pid, _, _ in live_processes()}
+
+
+def test_a_failed_start_up_check_leaves_no_standby_worker_behind(tmp_path, fixture_encoders):
+    """Misconfiguration still fails at start in one line with worker processes asked for, and the standbys started
+    ahead of the run end with the launcher."""
+    result = subprocess.run(
+        [sys.executable, "-m", "beam_jobs.cli", "embed",
+         *embed_args(fixture_encoders, str(tmp_path / "missing.jsonl"), str(tmp_path / "out"),
+                     "--direct_num_workers", "2", "--direct_running_mode", "multi_processing")],
+        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("hubembed: error:") and len(result.stderr.strip().splitlines()) == 1
+    assert glob.glob(str(tmp_path / "hubembed-workers-*")) == []  # their folder removed: they ended before it
+    assert not [pid for pid, _, command in live_processes() if any(str(tmp_path).encode() in part for part in command)]
 
 
 def run_python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
