@@ -17,6 +17,7 @@ TensorFlow:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -61,7 +62,7 @@ def main() -> NoReturn:
     except BaseException:
         traceback.print_exc()
         code = 1
-    with connection:
+    with connection, contextlib.suppress(OSError):  # a go-between gone has no one to tell
         connection.sendall(f"{code}\n".encode())
     exit_process(code)
 

@@ -47,6 +47,7 @@ STANDBY_VARIABLE = "HUBEMBED_STANDBY_WORKERS"
 STANDBY_FLAG = "--standby"
 WORKER_MODULE = "beam_jobs.sdk_worker"
 CONNECT_SECONDS = 120  # how long a go-between waits for its standby's socket to appear: bound within its first 0.1 s
+SOCKET_PATH_MAX = 100  # bytes of a Unix socket's path: at most 108 on Linux, 104 on macOS
 
 log = logging.getLogger("hubembed")
 
@@ -100,6 +101,10 @@ def standby_workers(argv: list[str]) -> Iterator[None]:
         yield
         return
     folder = tempfile.mkdtemp(prefix="hubembed-workers-")
+    if len(socket_path(folder, count).encode()) > SOCKET_PATH_MAX:  # a deep TMPDIR: the workers start cold instead
+        shutil.rmtree(folder, ignore_errors=True)
+        yield
+        return
     environment = dict(os.environ, **tensorflow_thread_shares(count))
     processes = [subprocess.Popen([sys.executable, "-m", WORKER_MODULE, STANDBY_FLAG, socket_path(folder, index)],
                                   stdin=subprocess.PIPE, env=environment) for index in range(count)]
