@@ -13,7 +13,7 @@ images  MobileNet V1, the job's baked default image encoder, loaded the way the 
           decode alone      the best tf.data loop with a free model: parallel decode + resize (AUTOTUNE), batch 32,
                             prefetch; once with a full decode and bilinear resize, once decoded at libjpeg's DCT
                             scale (tf.io.decode_jpeg ratio 2|4|8, short side kept >= 224) and resized with antialias;
-                            each the best of two rounds
+                            each the faster of AUTOTUNE and one decode per core with tf.data's autotuning off
           CPU limit         1 / (1/model alone + 1/the faster decode alone): both on the same cores, nothing else
           plain tf.data     parallel decode + resize, batch 32, prefetch, MobileNet
           RunInference      Beam: Create(paths) → Map(read + tf decode) → RunInference(TFModelHandlerTensor over the
@@ -246,13 +246,20 @@ def decode_at_dct_scale(data: tf.Tensor) -> tf.Tensor:
     return tf.image.resize(image, [IMAGE_SIZE, IMAGE_SIZE], antialias=True) / 255.0
 
 
-def tf_data_loop_rate(paths: list[str], decode: Callable[[tf.Tensor], tf.Tensor], model: LoadedEncoder) -> float:
-    """Files → parallel decode (AUTOTUNE) → batches of 32, prefetched → the model, vectors back in NumPy. Timed from
-    the first batch asked for: building the dataset traces the decode function, once per process (~0.1 s)."""
+def tf_data_loop_rate(paths: list[str], decode: Callable[[tf.Tensor], tf.Tensor], model: LoadedEncoder,
+                      autotune: bool = True) -> float:
+    """Files → parallel decode → batches of 32, prefetched → the model, vectors back in NumPy; as a user writes it
+    (AUTOTUNE), or with one decode per core and tf.data's autotuning off. Timed from the first batch asked for:
+    building the dataset traces the decode function, once per process (~0.1 s)."""
+    parallel = tf.data.AUTOTUNE if autotune else len(os.sched_getaffinity(0))
     dataset = (tf.data.Dataset.from_tensor_slices(paths)
-               .map(lambda path: decode(tf.io.read_file(path)), num_parallel_calls=tf.data.AUTOTUNE)
+               .map(lambda path: decode(tf.io.read_file(path)), num_parallel_calls=parallel)
                .batch(BATCH)
-               .prefetch(tf.data.AUTOTUNE))
+               .prefetch(tf.data.AUTOTUNE if autotune else 2))
+    if not autotune:
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        dataset = dataset.with_options(options)
     started = time.perf_counter()
     rows = sum(len(model(batch)) for batch in dataset)
     return rows / (time.perf_counter() - started)
@@ -448,7 +455,6 @@ def steady_rate(console: str) -> float | None:
     return (sum(last.values()) - sum(first.values())) / (stamps[-1] - stamps[0])
 
 
-DECODE_ALONE_ROUNDS = 2
 MULTI_PROCESSING_FLAGS = ("--direct_num_workers", "2", "--direct_running_mode", "multi_processing")
 
 
@@ -530,15 +536,16 @@ class Bench:
 
     def decode_alone(self, size: tuple[int, int]) -> dict[str, float]:
         """The two tf.data loops with the free model: full decode + resize, and decoded at the DCT scale; each the
-        best of DECODE_ALONE_ROUNDS. They are the CPU limit's other half, an upper bound: here a loop now and then
-        ran at exactly half its rate, as if on one core (585.7 against 1,171.7 photos/s), in one round and not the
-        next, whatever its num_parallel_calls."""
+        faster of AUTOTUNE and one decode per core with tf.data's autotuning off. They are the CPU limit's other
+        half, an upper bound: with AUTOTUNE, a loop ran at exactly half its rate, as if on one core (585 against
+        1,144-1,162 photos/s), in most rounds of one stretch of time and in none of another; with autotuning off it
+        ran at 1,131-1,158 in each."""
         if size not in self._decode_alone:
             free = self.loaded("free-image", "image")
             free(np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32))
             photos = self.photos(size)
-            rates = {name: max(tf_data_loop_rate(photos.warmed().paths, decode, free)
-                               for _ in range(DECODE_ALONE_ROUNDS))
+            rates = {name: max(tf_data_loop_rate(photos.warmed().paths, decode, free, autotune)
+                               for autotune in (True, False))
                      for name, decode in (("full", decode_resize), ("dct", decode_at_dct_scale))}
             log(f"  decode alone {size[0]}x{size[1]}: full {rates['full']:.1f}, DCT-scaled {rates['dct']:.1f} rows/s")
             self._decode_alone[size] = rates
