@@ -340,6 +340,20 @@ def test_the_console_script_runs_a_job_with_only_its_own_lines(tmp_path, small_c
     assert all(" INFO hubembed: " in line or " INFO encoders." in line for line in done.stderr.splitlines())
 
 
+def test_the_console_script_freezes_what_the_job_imported(tmp_path):
+    """`hubembed <command>` runs one command in its process: what the job's import made is frozen out of the
+    collector's sight before the run, so the run's first full collections do not walk it (in-process callers of
+    cli.main, tests and notebooks, keep their collector as it was)."""
+    done = run_python("""
+        import atexit, gc
+        from beam_jobs import cli
+        atexit.register(lambda: print(gc.get_freeze_count()))
+        cli.console_main()
+    """, "embed", "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "out"))
+    assert done.returncode == 2  # the missing input, found after the job's import
+    assert int(done.stdout.split()[-1]) > 100_000  # TensorFlow's and Beam's objects
+
+
 def test_exit_process_runs_exit_handlers_and_waits_for_live_threads(tmp_path):
     done = run_python("""
         import atexit, sys, threading, time
