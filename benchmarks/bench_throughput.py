@@ -71,6 +71,7 @@ import apache_beam as beam  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
+from beam_jobs.standby import usable_cores  # noqa: E402
 from benchmarks.bench_decode_fidelity import cosines  # noqa: E402
 from benchmarks.measure import run_measured  # noqa: E402
 from benchmarks.photo_corpus import caption, photo_jpeg, source_photos, write_photo_corpus  # noqa: E402
@@ -251,7 +252,7 @@ def tf_data_loop_rate(paths: list[str], decode: Callable[[tf.Tensor], tf.Tensor]
     """Files → parallel decode → batches of 32, prefetched → the model, vectors back in NumPy; as a user writes it
     (AUTOTUNE), or with one decode per core and tf.data's autotuning off. Timed from the first batch asked for:
     building the dataset traces the decode function, once per process (~0.1 s)."""
-    parallel = tf.data.AUTOTUNE if autotune else len(os.sched_getaffinity(0))
+    parallel = tf.data.AUTOTUNE if autotune else usable_cores()
     dataset = (tf.data.Dataset.from_tensor_slices(paths)
                .map(lambda path: decode(tf.io.read_file(path)), num_parallel_calls=parallel)
                .batch(BATCH)
