@@ -46,7 +46,9 @@ TF_THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
 STANDBY_VARIABLE = "HUBEMBED_STANDBY_WORKERS"
 STANDBY_FLAG = "--standby"
 WORKER_MODULE = "beam_jobs.sdk_worker"
-CONNECT_SECONDS = 120  # how long a go-between waits for its standby's socket to appear: bound within its first 0.1 s
+# How long a go-between waits for its standby's socket to appear: a standby binds it within its first 0.1 s, and the
+# runner starts its workers seconds after the standbys (the launcher imports and checks the job meanwhile).
+CONNECT_SECONDS = 10
 SOCKET_PATH_MAX = 100  # bytes of a Unix socket's path: at most 108 on Linux, 104 on macOS
 
 log = logging.getLogger("hubembed")
@@ -142,11 +144,14 @@ def _claim(folder: str, count: int) -> socket.socket | None:
             try:
                 connection.connect(socket_path(folder, index))
                 return connection
-            except (FileNotFoundError, ConnectionRefusedError):
+            except FileNotFoundError:  # not bound yet
                 connection.close()
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
+            except ConnectionRefusedError:  # no one listens: the standby ended
+                connection.close()
+                break
     return None
 
 
@@ -160,9 +165,9 @@ def hand_over(environment: Mapping[str, str]) -> int | None:
     connection = _claim(folder, int(count))
     if connection is None:
         return None
-    with connection:
+    reply = b""
+    with connection, contextlib.suppress(OSError):  # the standby ended before its reply: reset, or closed early
         connection.sendall(json.dumps(dict(environment)).encode() + b"\n")
-        reply = b""
         while chunk := connection.recv(4096):
             reply += chunk
     return int(reply) if reply.strip().isdigit() else 1

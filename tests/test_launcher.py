@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.portability.api import beam_fn_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 
-from beam_jobs import flags
+from beam_jobs import flags, standby
 from beam_jobs.embed_corpus import EmbedCorpusOptions
 from beam_jobs.embed_corpus import main as embed_main
 from beam_jobs.embed_corpus import run as embed_run
@@ -40,7 +40,6 @@ from beam_jobs.launch import (
     worker_processes,
 )
 from beam_jobs.predict import PredictOptions
-from beam_jobs.standby import requested_worker_processes
 from beam_jobs.train_classifier import TrainClassifierOptions
 from encoders.runtime import native_start_up_lines_filtered
 from schemas import layout
@@ -206,7 +205,7 @@ def test_the_launcher_reads_how_many_worker_processes_a_run_starts_before_import
     """What standby_workers reads from the flags alone is what the runner starts once Beam has parsed them."""
     options = pin_direct_runner(PipelineOptions(argv))
     starts = worker_processes(options) if options.view_as(StandardOptions).runner == IN_PROCESS_RUNNER else 0
-    assert requested_worker_processes(argv) == starts
+    assert standby.requested_worker_processes(argv) == starts
 
 
 def live_processes() -> Iterator[tuple[int, int, list[bytes]]]:
@@ -250,6 +249,17 @@ def test_standby_workers_end_with_their_launcher_even_when_it_is_killed(tmp_path
     while set(standbys) & {pid for pid, _, _ in live_processes()} and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not set(standbys) & {pid for pid, _, _ in live_processes()}
+
+
+def test_a_worker_whose_standby_is_gone_starts_by_itself(tmp_path):
+    """A go-between that claims a standby no longer listening (it ended, its socket file left behind) gives up on it
+    at once and on the others when all are claimed: the worker then starts as Beam's own would."""
+    listener = standby.wait_for_a_run(standby.socket_path(str(tmp_path), 0))
+    listener.close()
+    started = time.monotonic()
+    assert standby.hand_over({standby.STANDBY_VARIABLE: f"{tmp_path}:1"}) is None  # refused: the standby is gone
+    assert standby.hand_over({standby.STANDBY_VARIABLE: f"{tmp_path}:1"}) is None  # claimed already
+    assert time.monotonic() - started < standby.CONNECT_SECONDS
 
 
 def test_a_failed_start_up_check_leaves_no_standby_worker_behind(tmp_path, fixture_encoders):
