@@ -264,16 +264,24 @@ def test_a_worker_whose_standby_is_gone_starts_by_itself(tmp_path):
 
 def test_a_failed_start_up_check_leaves_no_standby_worker_behind(tmp_path, fixture_encoders):
     """Misconfiguration still fails at start in one line with worker processes asked for, and the standbys started
-    ahead of the run end with the launcher."""
-    result = subprocess.run(
+    ahead of the run end with the launcher, their folder removed."""
+    launcher = subprocess.Popen(
         [sys.executable, "-m", "beam_jobs.cli", "embed",
          *embed_args(fixture_encoders, str(tmp_path / "missing.jsonl"), str(tmp_path / "out"),
                      "--direct_num_workers", "2", "--direct_running_mode", "multi_processing")],
-        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(tmp_path)))
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("hubembed: error:") and len(result.stderr.strip().splitlines()) == 1
-    assert glob.glob(str(tmp_path / "hubembed-workers-*")) == []  # their folder removed: they ended before it
-    assert not [pid for pid, _, command in live_processes() if any(str(tmp_path).encode() in part for part in command)]
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, list[bytes]] = {}
+    while launcher.poll() is None:  # the missing input is found after the job's import, seconds after they start
+        seen.update((pid, command) for pid, parent, command in live_processes()
+                    if parent == launcher.pid and b"--standby" in command)
+        time.sleep(0.02)
+    _, stderr = launcher.communicate()
+    assert launcher.returncode == 2
+    assert stderr.strip().startswith("hubembed: error:") and len(stderr.strip().splitlines()) == 1
+    assert len(seen) == 2
+    assert not set(seen) & {pid for pid, _, _ in live_processes()}
+    sockets = [part.decode() for command in seen.values() for part in command if part.endswith(b".sock")]
+    assert len(sockets) == 2 and not any(os.path.exists(os.path.dirname(path)) for path in sockets)
 
 
 def run_python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
