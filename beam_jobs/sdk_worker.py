@@ -57,8 +57,8 @@ def main() -> NoReturn:
     code = 0
     try:
         harness.main(sys.argv[:1])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
+    except SystemExit as exit_:  # as the interpreter reads it: None is success, a message is failure
+        code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
     except BaseException:
         traceback.print_exc()
         code = 1
