@@ -10,7 +10,7 @@ read the ratios, which the targets of issue 9 sit beside.
 images  MobileNet V1, the job's baked default image encoder, loaded the way the job loads it:
           model alone       the SavedModel on pre-decoded [32, 224, 224, 3] batches, before and after the other
                             contenders of the same size (their mean: the machine's speed drifts within minutes)
-          decode alone      the best tf.data loop with a free model: parallel decode + resize (AUTOTUNE), batch 32,
+          decode alone      the best tf.data loop with a free model: parallel decode + resize, batch 32,
                             prefetch; once with a full decode and bilinear resize, once decoded at libjpeg's DCT
                             scale (tf.io.decode_jpeg ratio 2|4|8, short side kept >= 224) and resized with antialias;
                             each the faster of AUTOTUNE and one decode per core with tf.data's autotuning off
