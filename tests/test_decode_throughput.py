@@ -4,6 +4,10 @@ batches weighed by image pixels and text length, and the three-stage EmbedBatch 
 from __future__ import annotations
 
 import io
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 import numpy as np
@@ -18,7 +22,16 @@ from encoders.runtime import tf
 from schemas import embeddings as cols
 from schemas.records import Record
 from tests import corpus_builders as corpora
-from transforms.embedding.embed import PIXELS_PER_SLOT, TEXT_CHARS_PER_SLOT, EmbedConfig, EmbedRecords, batch_slots
+from transforms.embedding.decode_threads import DecodeThreads
+from transforms.embedding.embed import (
+    PIXELS_PER_SLOT,
+    TEXT_CHARS_PER_SLOT,
+    EmbedBatch,
+    EmbedConfig,
+    EmbedRecords,
+    batch_slots,
+)
+from transforms.embedding.in_flight import InFlight
 from transforms.embedding.rows import ARROW_POOL_VARIABLE
 from transforms.image_decode import JPEG_SCALES, ImageDecodeError, ImageDecoder, decode_and_resize, jpeg_scale
 from transforms.report import ProgressLog
@@ -152,3 +165,87 @@ def test_the_embedding_workers_take_arrow_memory_from_jemalloc_unless_told_other
                      | EmbedRecords(config, ProgressLog(1000)))
         assert_that(tables | beam.Map(lambda table: table.num_rows) | beam.CombineGlobally(sum), equal_to([4]))
     assert pa.default_memory_pool().backend_name == in_force
+
+
+def decoding_threads(threads: DecodeThreads, model_thread: ThreadPoolExecutor, decode_seconds: float,
+                     model_seconds: float, batches: int) -> list[str]:
+    """Batches through `threads` as EmbedBatch sends them (each decode submitted, then the model's work on the model
+    thread, which waits for it and reports its time; at most IN_FLIGHT_BATCHES handed over): the name of the thread
+    that decoded each batch."""
+    def decode() -> str:
+        time.sleep(decode_seconds)
+        return threading.current_thread().name
+
+    def model(decoded) -> str:
+        name = decoded.result()
+        start = time.perf_counter()
+        time.sleep(model_seconds)
+        threads.model_ran(time.perf_counter() - start)
+        return name
+
+    in_flight = InFlight(EmbedBatch.IN_FLIGHT_BATCHES)
+    names = []
+    for _ in range(batches):
+        names += in_flight.add(model_thread.submit(model, threads.submit(decode)))
+    return names + list(in_flight.drain())
+
+
+@pytest.mark.parametrize("decode_seconds, model_seconds, on_gpu, model_thread_first", [
+    (0.02, 0.001, False, DecodeThreads.BATCHES_MEASURED + 1),  # a cheap model on the CPU: moves once measured
+    (0.002, 0.02, False, None),  # the model the larger part: the model thread keeps decoding
+    (0.002, 0.02, True, 0)])  # a GPU: threads of their own from the start
+def test_decoding_has_threads_of_its_own_on_a_gpu_or_when_the_model_costs_less_than_the_decode(
+        decode_seconds, model_seconds, on_gpu, model_thread_first):
+    """The first batches measured on the model thread are decoded there; once decoding moves (in the batches that
+    follow, as the runner's thread hands them over), it stays on the decode threads."""
+    model_thread = ThreadPoolExecutor(1, thread_name_prefix="hubembed-embed")
+    threads = DecodeThreads(model_thread, on_gpu=on_gpu)
+    try:
+        names = decoding_threads(threads, model_thread, decode_seconds, model_seconds, batches=12)
+    finally:
+        threads.shutdown()
+        model_thread.shutdown()
+    on_model_thread = [name.startswith("hubembed-embed") for name in names]
+    assert all(name.startswith(("hubembed-embed", "hubembed-decode")) for name in names)
+    if model_thread_first is None:
+        assert all(on_model_thread)
+        return
+    moved = on_model_thread.index(False)
+    assert model_thread_first <= moved <= model_thread_first + EmbedBatch.IN_FLIGHT_BATCHES
+    assert not any(on_model_thread[moved:])
+
+
+def test_batches_decoded_two_at_a_time_keep_every_record_with_its_own_image(fixture_encoders, photos, caplog):
+    """A real pipeline, batches of 4: the fixture model costs less than the decode, so after the first batches two
+    batches decode at once on threads of their own. Each photo, sent many times, gets the same vector wherever its
+    batch was decoded; the broken images are dead-lettered alone."""
+    config = one_encoder_config("image", fixture_encoders["image"])
+    images = [photo_jpeg(photos, seed=seed) for seed in range(4)]
+    broken = b"\xff\xd8\xff\xe0 not a jpeg at all"
+    records = [Record(id=f"r{index:02d}-{'broken' if index % 7 == 3 else index % 4}", source="s",
+                      image_bytes=broken if index % 7 == 3 else images[index % 4]) for index in range(48)]
+    with caplog.at_level(logging.DEBUG, logger="hubembed"), beam.Pipeline("DirectRunner") as pipeline:
+        tables, dead = (pipeline
+                        | beam.Create(records, reshuffle=False)
+                        | EmbedRecords(config, ProgressLog(1000), min_batch_size=4, max_batch_size=4))
+        rows = tables | "Rows" >> beam.FlatMap(lambda table: zip(
+            table.column(cols.ID).to_pylist(), table.column(cols.EMBEDDING).to_pylist(), strict=True))
+
+        def check(embedded: list[tuple[str, list[float]]]) -> None:
+            assert sorted(record_id for record_id, _ in embedded) == sorted(
+                record.id for record in records if "broken" not in record.id)
+            by_photo: dict[str, list[np.ndarray]] = {}
+            for record_id, vector in embedded:
+                by_photo.setdefault(record_id.split("-")[1], []).append(np.array(vector))
+            assert len(by_photo) == 4
+            for vectors in by_photo.values():
+                np.testing.assert_allclose(np.stack(vectors), np.broadcast_to(vectors[0], (len(vectors),
+                                                                                         len(vectors[0]))), atol=1e-6)
+            firsts = [vectors[0] for vectors in by_photo.values()]
+            assert min(np.abs(a - b).max() for index, a in enumerate(firsts) for b in firsts[index + 1:]) > 1e-3
+
+        assert_that(rows, check, label="each photo's vector")
+        assert_that(dead | beam.Map(lambda letter: (letter.id, letter.reason)),
+                    equal_to([(record.id, "image_corrupt") for record in records if "broken" in record.id]),
+                    label="dead letters")
+    assert any("decoding on threads of its own" in message for message in caplog.messages)

@@ -10,6 +10,7 @@ Images are decoded and resized in TensorFlow, a batch at a time on all the proce
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -32,6 +33,7 @@ from transforms.dead_letters import (
     batch_or_one_by_one,
     dead_letter,
 )
+from transforms.embedding.decode_threads import DecodeThreads
 from transforms.embedding.in_flight import InFlight, at_end_of_window
 from transforms.embedding.rows import choose_arrow_memory_pool, record_columns
 from transforms.image_decode import ImageDecoder
@@ -93,15 +95,16 @@ class EmbedBatch(beam.DoFn):
     """Batches of prepared records → Tables of the embedded ones, and dead letters for the rest, in stages that
     overlap: the runner's thread hands a batch over and goes on reading and preparing the next ones, while the
     model thread runs the encoders on it. The batch's images are decoded side by side on all the process's cores
-    first: on a GPU by a decode thread of their own, overlapping the model's previous batch; on a CPU by the model
-    thread itself (see `setup`). At most IN_FLIGHT_BATCHES are handed over and not yet emitted; a batch's outputs
+    first, by the model thread itself or by decode threads of their own, two batches at a time, overlapping the
+    model's previous batch (DecodeThreads chooses). At most IN_FLIGHT_BATCHES are handed over and not yet emitted
+    (both decoding, or one decoding and one in the model); a batch's outputs
     leave in a later `process` call or at the end of the bundle, which is why the DoFn runs in the global window
     only (batch pipelines' window).
 
     Counters and progress are counted in the runner's thread: Beam's metrics belong to the thread of the bundle.
     """
 
-    IN_FLIGHT_BATCHES = 2
+    IN_FLIGHT_BATCHES = DecodeThreads.CONCURRENT_DECODES
 
     def __init__(self, config: EmbedConfig, model_cache: shared.Shared, progress: ProgressLog):
         self._config = config
@@ -110,7 +113,7 @@ class EmbedBatch(beam.DoFn):
         self._embedded = Metrics.counter(METRICS_NAMESPACE, RECORDS_EMBEDDED)
         self._encoders: Future[Encoders] | None = None
         self._failure_run: FailureRun | None = None
-        self._decoding: ThreadPoolExecutor | None = None
+        self._decode_threads: DecodeThreads | None = None
         self._embedding: ThreadPoolExecutor | None = None
         self._in_flight: InFlight[EmbeddedBatch] = InFlight(self.IN_FLIGHT_BATCHES)
 
@@ -126,11 +129,7 @@ class EmbedBatch(beam.DoFn):
         if config.mixed_precision:
             use_mixed_precision(device)
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="hubembed-embed")
-        # On a GPU, the next batch is decoded on the CPU while the card runs the model. On a CPU the two would
-        # share the same cores, each slowing the other's threads: the model thread then decodes each batch itself,
-        # on all the cores, right before the encoders run on it, also on all the cores.
-        self._decoding = (ThreadPoolExecutor(1, thread_name_prefix="hubembed-decode") if device.startswith("/GPU")
-                          else self._embedding)
+        self._decode_threads = DecodeThreads(self._embedding, on_gpu=device.startswith("/GPU"))
         # The encoders load on the model thread, the first task it runs: loading a module takes seconds (once per
         # process), and the runner's thread reads and prepares the first batches meanwhile. A load that fails
         # raises from the first batch's result, in `process`.
@@ -141,7 +140,7 @@ class EmbedBatch(beam.DoFn):
         self._in_flight.clear()
 
     def process(self, batch: list[Record]) -> Iterator:
-        decoded = self._decoding.submit(self._decode_images, batch)
+        decoded = self._decode_threads.submit(lambda: self._decode_images(batch))
         for done in self._in_flight.add(self._embedding.submit(self._embed_decoded, decoded)):
             yield from self._emit(done)
 
@@ -150,8 +149,10 @@ class EmbedBatch(beam.DoFn):
             yield from self._emit(done, at_end_of_window)
 
     def teardown(self):
-        for pool in {self._decoding, self._embedding} - {None}:
-            pool.shutdown(cancel_futures=True)
+        if self._decode_threads is not None:
+            self._decode_threads.shutdown()
+        if self._embedding is not None:
+            self._embedding.shutdown(cancel_futures=True)
         if self._config.mixed_precision:
             stop_mixed_precision()
 
@@ -190,8 +191,10 @@ class EmbedBatch(beam.DoFn):
             rows = np.cumsum([record.image_bytes is not None for record in records]) - 1
             items = [(record, int(row) if record.image_bytes is not None else None)
                      for record, row in zip(records, rows, strict=True)]
+            start = time.perf_counter()
             outputs, failures = batch_or_one_by_one(items, lambda chosen: self._embed(chosen, pixels),
                                                     self._failure_run)
+            self._decode_threads.model_ran(time.perf_counter() - start)
             dead += [dead_letter(record, Stage.EMBED, Reason.ENCODER_FAILED, error) for (record, _), error in failures]
             # Beam's Parquet sink writes pyarrow Tables (ParquetWriter.write_table); wrapping a batch copies nothing.
             tables = [pa.Table.from_batches([output]) for output in outputs]
