@@ -6,7 +6,7 @@ Python hands the batch in and out; two batches decoding at once keep the cores b
 the model is not on the CPU (a GPU), or costs the CPU little beside the decode. When the model is the larger part of
 a batch's time on the CPU, the two share the same cores, and decoding beside the model slowed the whole run.
 Measured on 2 cores, 6,000 photos of 640×480, side by side: with a model that costs nothing, two batches decoding at
-once ran at 1.15–1.19 × the model thread's decoding; with MobileNet V1 on the CPU, at 0.96–0.97 ×.
+once ran at 1.15–1.19 × the model thread's decoding; with MobileNet V1 on the CPU, at 0.96–0.98 ×.
 """
 
 from __future__ import annotations
