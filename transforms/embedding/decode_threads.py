@@ -43,11 +43,6 @@ class DecodeThreads:
         if on_gpu:
             self._start_threads()
 
-    @property
-    def own_threads(self) -> bool:
-        """Whether decoding runs on threads of its own."""
-        return self._threads is not None
-
     def submit(self, decode: Callable[[], ResultT]) -> Future[ResultT]:
         """Run `decode` on the decode threads, or on the model thread ahead of the work submitted after it."""
         if self._threads is not None:
@@ -65,7 +60,7 @@ class DecodeThreads:
         decode = statistics.median(self._decode_seconds[1:self.BATCHES_MEASURED + 1])
         if model < decode:
             log.debug("decoding on threads of its own: the encoders take %.1f ms a batch, the decode %.1f ms",
-                         model * 1e3, decode * 1e3)
+                      model * 1e3, decode * 1e3)
             self._start_threads()
 
     def shutdown(self) -> None:

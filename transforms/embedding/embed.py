@@ -97,9 +97,8 @@ class EmbedBatch(beam.DoFn):
     model thread runs the encoders on it. The batch's images are decoded side by side on all the process's cores
     first, by the model thread itself or by decode threads of their own, two batches at a time, overlapping the
     model's previous batch (DecodeThreads chooses). At most IN_FLIGHT_BATCHES are handed over and not yet emitted
-    (both decoding, or one decoding and one in the model); a batch's outputs
-    leave in a later `process` call or at the end of the bundle, which is why the DoFn runs in the global window
-    only (batch pipelines' window).
+    (both decoding, or one decoding and one in the model); a batch's outputs leave in a later `process` call or at
+    the end of the bundle, which is why the DoFn runs in the global window only (batch pipelines' window).
 
     Counters and progress are counted in the runner's thread: Beam's metrics belong to the thread of the bundle.
     """
