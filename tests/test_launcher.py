@@ -225,10 +225,11 @@ def live_processes() -> Iterator[tuple[int, int, list[bytes]]]:
             yield int(entry), int(parent), command
 
 
-def standby_children(launcher_pid: int) -> list[int]:
-    """The live standby workers (`beam_jobs.sdk_worker --standby`) whose parent is `launcher_pid`."""
-    return [pid for pid, parent, command in live_processes()
-            if parent == launcher_pid and b"beam_jobs.sdk_worker" in command and b"--standby" in command]
+def standby_children(launcher_pid: int) -> dict[int, list[bytes]]:
+    """pid → command line of the live standby workers (`beam_jobs.sdk_worker --standby`) whose parent is
+    `launcher_pid`."""
+    return {pid: command for pid, parent, command in live_processes()
+            if parent == launcher_pid and b"beam_jobs.sdk_worker" in command and b"--standby" in command}
 
 
 def test_standby_workers_end_with_their_launcher_even_when_it_is_killed(tmp_path, small_corpus, fixture_encoders):
@@ -272,8 +273,7 @@ def test_a_failed_start_up_check_leaves_no_standby_worker_behind(tmp_path, fixtu
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, list[bytes]] = {}
     while launcher.poll() is None:  # the missing input is found after the job's import, seconds after they start
-        seen.update((pid, command) for pid, parent, command in live_processes()
-                    if parent == launcher.pid and b"--standby" in command)
+        seen.update(standby_children(launcher.pid))
         time.sleep(0.02)
     _, stderr = launcher.communicate()
     assert launcher.returncode == 2
