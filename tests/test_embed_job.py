@@ -143,15 +143,18 @@ def test_job_fails_when_dead_letters_pass_the_error_rate(fixture_encoders, tmp_p
     assert "dead-lettered" in capsys.readouterr().out
 
 
-def test_same_input_twice_gives_identical_embeddings(fixture_encoders, tmp_path):
+def test_same_input_in_other_batches_gives_the_same_embeddings(fixture_encoders, tmp_path):
     manifest = corpora.write_jsonl_manifest(str(tmp_path / "corpus"), corpora.good_rows(7))
     embed(fixture_encoders, manifest, str(tmp_path / "a"))
     embed(fixture_encoders, manifest, str(tmp_path / "b"), "--batch_size", "3", "--min_batch_size", "1")
     first = read_parquet_dir(str(tmp_path / "a"), "embeddings").sort_by("id")
     second = read_parquet_dir(str(tmp_path / "b"), "embeddings").sort_by("id")
     assert first.column("id").equals(second.column("id"))
-    np.testing.assert_array_equal(np.stack(first.column("embedding").to_numpy(zero_copy_only=False)),
-                                  np.stack(second.column("embedding").to_numpy(zero_copy_only=False)))
+    # Equal to float32's rounding, not bit for bit: TensorFlow's CPU kernels split a batch's arithmetic by its size,
+    # and on an AMD EPYC without AVX-512 a record's vector in a batch of 7 and in one of 3 differed by 1 ulp.
+    np.testing.assert_allclose(np.stack(first.column("embedding").to_numpy(zero_copy_only=False)),
+                               np.stack(second.column("embedding").to_numpy(zero_copy_only=False)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_text_only_run_has_no_image_columns(fixture_encoders, tmp_path):
