@@ -31,8 +31,14 @@ demo: setup
 	$(BIN)/python -m beam_jobs.predict --input $(DEMO)/embeddings \
 	    --model $(DEMO)/classifier/model --output $(DEMO)/predictions --overwrite
 
+# Two worker processes (pytest-xdist): most tests spend their time in Beam's one Python thread, so a 2-core machine
+# runs two at once (about 10 minutes instead of 15 on the CI machine kind). A file's tests stay on one worker
+# (--dist loadfile): the fixtures a file builds once (test_downstream.py's embedded corpus and trained classifiers)
+# are built once. `make test TEST_WORKERS=0` runs them all in this process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --numprocesses $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

