@@ -30,6 +30,10 @@ TELLING_TEXTS = {
 GENERIC_TEXTS = ["photo taken in the greenhouse this morning", "leaf sample from row twelve",
                  "picture from the field survey", "another specimen for the record", "sample collected near the gate"]
 MARK_COLOURS = {"rust": (190, 95, 30), "mildew": (235, 235, 225)}
+# How much of a mark's colour a faint mark takes (the rest is the leaf's). At 0.25 even the tiny test encoder saw
+# most faint marks: the image alone reached 0.94 and both modalities beat it by 0 to 0.024 by seed. At 0.1 the image
+# alone reaches 0.86 and both 0.92, 0.054 to 0.060 apart on each seed (docs/downstream.md).
+FAINT_BLEND = 0.1
 
 
 def _leaf_image(label: str, faint: bool, rng: np.random.RandomState, size: int = 96) -> Image.Image:
@@ -39,7 +43,7 @@ def _leaf_image(label: str, faint: bool, rng: np.random.RandomState, size: int =
     if label in MARK_COLOURS:
         draw = ImageDraw.Draw(image)
         colour = np.array(MARK_COLOURS[label], dtype=np.float32)
-        blend = 0.25 if faint else 0.9  # faint marks barely differ from the leaf
+        blend = FAINT_BLEND if faint else 0.9
         spots = 3 if faint else 5 + rng.randint(6)
         for _ in range(spots):
             x, y = rng.randint(0, size, 2)

@@ -12,7 +12,6 @@ import glob
 import io
 import json
 import os
-import time
 
 import numpy as np
 import pandas as pd
@@ -34,18 +33,17 @@ from transforms.downstream.split import TEST, TRAIN, VALIDATION, split_fraction,
 from transforms.downstream.tft_features import SPLIT, RowSource, label_vocabulary, labeled_rows, load_transform
 from transforms.downstream.training_input import fits_in_memory, split_dataset, survey
 
-# Below ~1000 rows the gap between `image` and `both` is within the noise of the test split with the tiny fixture
-# encoders (the image one alone reaches ~0.90); 1800 rows give a 450-row test split.
+# 1800 rows give a 462-row test split. Measured with the default head (docs/downstream.md), test-split accuracy for
+# seeds 0, 1, 2 (each run is reproducible; the seeds move the weights, dropout and shuffling, not the split):
+#   image 0.866, 0.864, 0.864   text 0.701, 0.693, 0.727   both 0.926, 0.918, 0.924
+# `both` beats `image` by 0.054 to 0.060 on every seed (the sample corpus's faint marks are faint enough that the
+# image alone misses them, scripts/make_sample_corpus.py), so one seed's runs carry the test; the margin is half
+# the smallest gap measured.
 CORPUS_ROWS = 1800
 VALIDATION_RATIO, TEST_RATIO = 0.15, 0.25
 SPLIT_FLAGS = ["--validation_ratio", str(VALIDATION_RATIO), "--test_ratio", str(TEST_RATIO)]
-# Measured with the default head (docs/downstream.md), test-split accuracy for seeds 0, 1, 2 (each run is
-# reproducible; the seeds move the weights, dropout and shuffling, not the split):
-#   image 0.937, 0.933, 0.935 (mean 0.935)   text 0.699 (seed 0)   both 0.944, 0.933, 0.959 (mean 0.945)
-# One seed's gap between `both` and `image` ranges 0 to +0.024 with these tiny encoders, so the bars are on the mean.
-SEEDS = (0, 1, 2)
-BOTH_ACCURACY_BAR = 0.93
-BOTH_MARGIN = 0.005
+BOTH_ACCURACY_BAR = 0.9
+BOTH_MARGIN = 0.025
 FAST = ["--epochs", "3", "--patience", "1"]  # for tests about plumbing, not accuracy
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,20 +67,19 @@ def embeddings_glob(folder: str) -> str:
     return os.path.join(folder, "embeddings-*.parquet")
 
 
-def train(tmp_path_factory, embeddings: str, features: str, seed: int = 0) -> dict:
-    """A default-flag training run through the command line entry point: its report, folder and seconds."""
-    output = str(tmp_path_factory.mktemp(f"classifier_{features}_{seed}"))
-    started = time.perf_counter()
+def train(tmp_path_factory, embeddings: str, features: str) -> dict:
+    """A default-flag training run (seed 0) through the command line entry point: its report and folder."""
+    output = str(tmp_path_factory.mktemp(f"classifier_{features}"))
     code = train_classifier.main(["--input", embeddings_glob(embeddings), "--output", output, "--features", features,
-                                  "--seed", str(seed), *SPLIT_FLAGS])
+                                  *SPLIT_FLAGS])
     assert code == 0
     with open(os.path.join(output, train_classifier.REPORT_NAME)) as handle:
-        return {"report": json.load(handle), "output": output, "seconds": time.perf_counter() - started}
+        return {"report": json.load(handle), "output": output}
 
 
 @pytest.fixture(scope="session")
 def frozen_runs(tmp_path_factory, embeddings) -> dict[str, dict]:
-    """features → the seed-0 run; the runs the other tests inspect."""
+    """features → its run; the runs the other tests inspect."""
     return {features: train(tmp_path_factory, embeddings, features) for features in ("image", "text", "both")}
 
 
@@ -112,18 +109,13 @@ def one_line_error(capsys) -> str:
 # --- accuracy: the point of the stage -------------------------------------------------------------------------
 
 
-def test_both_modalities_beat_each_one(tmp_path_factory, frozen_runs, embeddings):
-    accuracy = {features: [run["report"]["metrics"]["accuracy"]] for features, run in frozen_runs.items()}
-    for seed in SEEDS[1:]:  # text is far behind: one seed is enough for it
-        for features in ("image", "both"):
-            run = train(tmp_path_factory, embeddings, features, seed)
-            accuracy[features].append(run["report"]["metrics"]["accuracy"])
-    mean = {features: float(np.mean(values)) for features, values in accuracy.items()}
-    print("test-split accuracy by seed:", accuracy, "mean:", mean)
-    assert mean["both"] >= BOTH_ACCURACY_BAR
-    assert mean["both"] >= max(mean["image"], mean["text"]) + BOTH_MARGIN
-    assert min(accuracy["both"]) >= max(accuracy["text"]) + 0.2
-    assert mean["image"] > mean["text"] > 0.6  # each single modality learns something, the image more
+def test_both_modalities_beat_each_one(frozen_runs):
+    accuracy = {features: run["report"]["metrics"]["accuracy"] for features, run in frozen_runs.items()}
+    print("test-split accuracy:", accuracy)
+    assert accuracy["both"] >= BOTH_ACCURACY_BAR
+    assert accuracy["both"] >= max(accuracy["image"], accuracy["text"]) + BOTH_MARGIN
+    assert accuracy["both"] >= accuracy["text"] + 0.15
+    assert accuracy["image"] > accuracy["text"] > 0.6  # each single modality learns something, the image more
 
 
 def test_report_pictures_and_per_class_table(frozen_runs):
