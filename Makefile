@@ -32,7 +32,7 @@ demo: setup
 	    --model $(DEMO)/classifier/model --output $(DEMO)/predictions --overwrite
 
 # Two worker processes (pytest-xdist): most tests spend their time in Beam's one Python thread, so a 2-core machine
-# runs two at once (about 10 minutes instead of 15 on the CI machine kind). A file's tests stay on one worker
+# runs two at once (about 9 minutes instead of 15–16 on the CI machine kind). A file's tests stay on one worker
 # (--dist loadfile): the fixtures a file builds once (test_downstream.py's embedded corpus and trained classifiers)
 # are built once. `make test TEST_WORKERS=0` runs them all in this process.
 TEST_WORKERS ?= 2

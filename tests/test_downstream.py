@@ -37,8 +37,8 @@ from transforms.downstream.training_input import fits_in_memory, split_dataset, 
 # seeds 0, 1, 2 (each run is reproducible; the seeds move the weights, dropout and shuffling, not the split):
 #   image 0.866, 0.864, 0.864   text 0.701, 0.693, 0.727   both 0.926, 0.918, 0.924
 # `both` beats `image` by 0.054 to 0.060 on every seed (the sample corpus's faint marks are faint enough that the
-# image alone misses them, scripts/make_sample_corpus.py), so one seed's runs carry the test; the margin is half
-# the smallest gap measured.
+# image alone misses them, scripts/make_sample_corpus.py), so one seed's runs carry the test; the margin is a little
+# under half the smallest gap measured.
 CORPUS_ROWS = 1800
 VALIDATION_RATIO, TEST_RATIO = 0.15, 0.25
 SPLIT_FLAGS = ["--validation_ratio", str(VALIDATION_RATIO), "--test_ratio", str(TEST_RATIO)]
