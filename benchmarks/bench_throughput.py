@@ -276,6 +276,20 @@ def model_alone_rate(model: LoadedEncoder, batches: list, rows: int) -> float:
     return done / (time.perf_counter() - started)
 
 
+def model_alone_around(model: LoadedEncoder, batches: list, rows: int, label: str) -> Callable[[], float]:
+    """The model alone measured now (model_alone_rate); the function returned measures it again, logs both and
+    gives their mean. This machine's speed moves by 10-15 % within minutes (the model alone measured 220.7 and
+    183.5 rows/s a few minutes apart), so a model-alone rate brackets the contenders it is compared with."""
+    before = model_alone_rate(model, batches, rows)
+
+    def mean_with_after() -> float:
+        after = model_alone_rate(model, batches, rows)
+        log(f"  model alone{label}: {before:.1f} before, {after:.1f} after")
+        return (before + after) / 2
+
+    return mean_with_after
+
+
 def predecoded_batches(paths: list[str]) -> list[tf.Tensor]:
     """A few [32, 224, 224, 3] batches of decoded photos, for the model alone (its cost does not depend on them)."""
     wanted = PREDECODED_BATCHES * BATCH
@@ -588,10 +602,9 @@ class Bench:
         for size in PHOTO_SIZES:
             tag = f"{size[0]}x{size[1]}"
             photos = self.photos(size)
-            # Measured beside each size's other figures, before and after them (their mean): this machine's speed
-            # moves by 10-15 % within minutes (the model alone measured 220.7 and 183.5 rows/s a few minutes apart).
-            model_rows = max(len(photos.paths), MODEL_ALONE_ROWS)
-            model_before = model_alone_rate(mobilenet, batches, model_rows)
+            # Measured beside each size's other figures, before and after them (their mean).
+            model_around_size = model_alone_around(
+                mobilenet, batches, max(len(photos.paths), MODEL_ALONE_ROWS), f" (for {tag})")
             decode = self.decode_alone(size)
             rows["decode_full"].append(decode["full"])
             rows["decode_dct"].append(decode["dct"])
@@ -602,11 +615,8 @@ class Bench:
             job = self.job(f"image-{tag}", photos.warmed().manifest, "--text_encoder", "none")
             rows["job"].append(job.rate)
             rows["job_steady"].append(job.steady)
-            model_after = model_alone_rate(mobilenet, batches, model_rows)
-            model_alone = (model_before + model_after) / 2
-            log(f"  model alone (for {tag}): {model_before:.1f} before, {model_after:.1f} after")
-            rows["model"].append(model_alone)
-            rows["limit"].append(1.0 / (1.0 / model_alone + 1.0 / max(decode.values())))
+            rows["model"].append(model_around_size())
+            rows["limit"].append(1.0 / (1.0 / rows["model"][-1] + 1.0 / max(decode.values())))
         columns = [f"{w}x{h}" for w, h in PHOTO_SIZES]
         print(header_line("Images, MobileNet V1 (baked), rows/s", columns))
         print(rate_line("model alone, pre-decoded [32,224,224,3] batches (mean)", rows["model"]))
@@ -667,12 +677,10 @@ class Bench:
         batches = [np.array(texts[start:start + BATCH], dtype=object) for start in range(0, len(texts), BATCH)]
         # Before and after the job (their mean), as the images' model alone: a single measure before it put the job
         # at 0.90 in one run, where model-alone and job runs taken in turn on 4,000 captions gave 0.95-0.98.
-        model_before = model_alone_rate(minilm, batches, len(texts))
+        model_around_job = model_alone_around(minilm, batches, len(texts), "")
         job_run = self.job("text", manifest, "--image_encoder", "none")
         job, job_steady = job_run.rate, job_run.steady
-        model_after = model_alone_rate(minilm, batches, len(texts))
-        model_alone = (model_before + model_after) / 2
-        log(f"  model alone: {model_before:.1f} before, {model_after:.1f} after")
+        model_alone = model_around_job()
         ml_transform = self.logged("MLTransform", ml_transform_rate(
             texts, self.model_dir(minilm_name), self.output("mltransform")))
         log("  sentence-transformers")
